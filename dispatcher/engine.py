@@ -1,0 +1,539 @@
+"""The engine: moves tasks from the queue onto nodes and follows them to the end.
+
+One coroutine per running task (a *worker*) drives its attempt on a node: upload, follow
+progress, fetch the result. Decisions are made elsewhere by plain functions (which node:
+``scheduler``; retry or fail: ``states.decide_retry``); this module does the I/O and keeps
+the books. The store is written before anything else is done or told.
+
+Slots have one source of truth: ``leases`` (task id -> node and job). A lease is taken when a
+task is handed to a node and given back when its attempt ends, so the in-flight count is
+derived, never counted up and down, and cannot drift.
+
+Shutdown leaves node jobs running: workers are cancelled without touching the store or the
+node, and the next start re-attaches to every task the store says is processing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dispatcher import scheduler
+from dispatcher.fleet import Fleet, Health, NodeRuntime, ejection_cooldown, probe_result
+from dispatcher.node_client import (
+    JobUnknown,
+    NodeClient,
+    NodeError,
+    NodeFull,
+    NodeRejected,
+    NodeUnreachable,
+)
+from dispatcher.settings import DispatcherSettings
+from dispatcher.states import TaskStatus, Outcome, decide_retry
+from dispatcher.store import Task, TaskStore
+from heygem_common.media import NotMedia, require_video
+
+log = structlog.get_logger()
+Sleep = Callable[[float], Awaitable[None]]
+# After a 409 a node gets no new work for this long, so a full node is not hammered.
+REFUSED_BACKOFF_S = 2.0
+
+
+class AttemptEnded(Exception):
+    def __init__(self, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome, self.message = outcome, message
+
+
+class TaskNotFound(KeyError):
+    pass
+
+
+class TaskStateConflict(Exception):
+    """The task's state does not allow what was asked; the message says why."""
+
+
+@dataclass
+class Lease:
+    node: str
+    job_id: str
+    media_seconds: float | None
+    started_at: float
+
+
+def iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
+
+
+def job_id_for(task: Task) -> str:
+    # A fresh id per hand-over: a retried task never collides with its old job on a node.
+    return f"{task.id}.{len(task.attempt_log) + 1}"
+
+
+def failure_summary(attempt_log: list[dict[str, Any]]) -> str:
+    counted = [a for a in attempt_log if a.get("counted", True)]
+    parts = [f"attempt {i} on {a['node']}: {a['error']}" for i, a in enumerate(counted, 1)]
+    return f"failed after {len(counted)} attempt(s): " + "; ".join(parts)
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        store: TaskStore,
+        fleet: Fleet,
+        nodes: NodeClient,
+        clock: Callable[[], float] = time.time,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.fleet = fleet
+        self.nodes = nodes
+        self.clock = clock
+        self.sleep = sleep
+        self.leases: dict[str, Lease] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()
+        self.callbacks_wake = asyncio.Event()
+        self._terminal_events: dict[str, asyncio.Event] = {}
+        self._last_choice: str | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- start and stop ---------------------------------------------------------------
+    def recover(self) -> None:
+        """Re-attach to every task that was on a node when the dispatcher last stopped."""
+        for task in self.store.with_status(TaskStatus.PROCESSING):
+            if task.node not in self.fleet.nodes or task.node_job_id is None:
+                self._requeue_orphan(task)
+                continue
+            lease = Lease(task.node, task.node_job_id, task.media_seconds,
+                          task.attempt_started_at or self.clock())
+            self.leases[task.id] = lease
+            self._spawn_worker(task.id)
+            log.info("re-attached", task_id=task.id, node=task.node, stage=task.stage)
+        self._remove_stray_files()
+        self.wake.set()
+
+    def _requeue_orphan(self, task: Task) -> None:
+        self.store.transition(
+            task.id, TaskStatus.PENDING, node=None, node_job_id=None, stage="queued",
+            message=f"node {task.node} is no longer in machines.json; queued again",
+            attempts=max(0, task.attempts - 1), updated_at=self.clock(),
+        )
+
+    def _remove_stray_files(self) -> None:
+        """Uploads whose task row was never written (a crash mid-submit), half downloads."""
+        known = self.store.all_ids()
+        if self.settings.uploads_dir.is_dir():
+            for folder in self.settings.uploads_dir.iterdir():
+                if folder.name not in known:
+                    shutil.rmtree(folder, ignore_errors=True)
+        if self.settings.results_dir.is_dir():
+            for partial in self.settings.results_dir.glob("*.part"):
+                partial.unlink(missing_ok=True)
+
+    async def stop(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.cancel()
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        for task in list(self._background):
+            task.cancel()
+
+    def _in_background(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- the queue ----------------------------------------------------------------------
+    def submit(self, task: Task) -> Task:
+        self.store.insert(task)
+        log.info("task queued", task_id=task.id, priority=task.priority)
+        self.wake.set()
+        return task
+
+    async def dispatch_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                # The timeout catches expiry deadlines and nodes that come back on their own.
+                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+            self.wake.clear()
+            try:
+                self.dispatch_ready()
+            except Exception:
+                log.exception("dispatch round failed")
+
+    def dispatch_ready(self) -> None:
+        """Hand queued tasks to nodes until the head of the queue has to wait."""
+        queue = self._drop_expired(self.store.queued())
+        while queue:
+            head, behind = queue[0], queue[1:]
+            node = scheduler.choose_node(
+                self._snapshots_for(head),
+                scheduler.TaskDemand(head.media_seconds),
+                self.settings.policy,
+                self._last_choice,
+                queued_behind=[scheduler.TaskDemand(t.media_seconds) for t in behind],
+            )
+            if node is None:
+                return
+            self._last_choice = node
+            self._hand_over(head, node)
+            queue = behind
+
+    def _drop_expired(self, queue: list[Task]) -> list[Task]:
+        now = self.clock()
+        alive = []
+        for task in queue:
+            if task.expires_at is not None and now >= task.expires_at:
+                waited = now - task.created_at
+                self._finish(task.id, TaskStatus.FAILED,
+                             f"expired: not started within its expiry ({waited:.0f}s waited)")
+            else:
+                alive.append(task)
+        return alive
+
+    def in_flight(self) -> dict[str, int]:
+        """Slots used per node: our leases plus running jobs the node has that we do not."""
+        counts: dict[str, int] = {}
+        ours = {lease.job_id for lease in self.leases.values()}
+        for lease in self.leases.values():
+            counts[lease.node] = counts.get(lease.node, 0) + 1
+        for node in self.fleet.nodes.values():
+            strangers = [j for j in node.reported_running() if j not in ours]
+            counts[node.name] = counts.get(node.name, 0) + len(strangers)
+        return counts
+
+    def busy_until(self) -> dict[str, tuple[float, ...]]:
+        now = self.clock()
+        result: dict[str, list[float]] = {}
+        for lease in self.leases.values():
+            node = self.fleet.nodes.get(lease.node)
+            remaining = scheduler.estimate_remaining(
+                lease.media_seconds, node.speed if node else None, now - lease.started_at
+            )
+            result.setdefault(lease.node, []).append(remaining)
+        return {name: tuple(sorted(times)) for name, times in result.items()}
+
+    def snapshots(self) -> list[scheduler.NodeSnapshot]:
+        return self.fleet.snapshots(self.in_flight(), self.busy_until())
+
+    def _snapshots_for(self, task: Task) -> list[scheduler.NodeSnapshot]:
+        """Nodes that already failed this task are avoided while another node can take it."""
+        snapshots = self.snapshots()
+        failed_on = {a["node"] for a in task.attempt_log if a.get("counted", True)}
+        others = [s for s in snapshots if s.accepting and s.name not in failed_on]
+        if not failed_on or not others:
+            return snapshots
+        return [
+            s if s.name not in failed_on else scheduler.NodeSnapshot(
+                s.name, s.max_concurrent, s.in_flight, False, s.speed, s.busy_until)
+            for s in snapshots
+        ]
+
+    def queue_view(self) -> dict[str, tuple[int, float]]:
+        """Queue position (1-based) and expected completion time of every queued task."""
+        queue = self.store.queued()
+        etas = scheduler.estimate_etas(
+            self.snapshots(), [scheduler.TaskDemand(t.media_seconds) for t in queue],
+            self.settings.policy,
+        )
+        now = self.clock()
+        return {t.id: (i + 1, now + eta) for i, (t, eta) in enumerate(zip(queue, etas))}
+
+    def running_eta(self, task: Task) -> float | None:
+        lease = self.leases.get(task.id)
+        if lease is None:
+            return None
+        node = self.fleet.nodes.get(lease.node)
+        now = self.clock()
+        return now + scheduler.estimate_remaining(
+            lease.media_seconds, node.speed if node else None, now - lease.started_at)
+
+    # -- one attempt on one node ----------------------------------------------------------
+    def _hand_over(self, task: Task, node: str) -> None:
+        now = self.clock()
+        job_id = job_id_for(task)
+        updated = self.store.transition(
+            task.id, TaskStatus.PROCESSING, node=node, node_job_id=job_id, stage="uploading",
+            attempts=task.attempts + 1, started_at=task.started_at or now,
+            attempt_started_at=now, last_progress_at=now, progress=0.0,
+            message=f"uploading to {node}", updated_at=now,
+        )
+        if updated is None:  # cancelled between the read and now
+            return
+        self.leases[task.id] = Lease(node, job_id, task.media_seconds, now)
+        log.info("task handed over", task_id=task.id, node=node, job_id=job_id)
+        self._spawn_worker(task.id)
+
+    def _spawn_worker(self, task_id: str) -> None:
+        self.workers[task_id] = asyncio.create_task(self._drive(task_id))
+
+    async def _drive(self, task_id: str) -> None:
+        lease = self.leases[task_id]
+        structlog.contextvars.bind_contextvars(task_id=task_id, node=lease.node)
+        node = self.fleet.nodes[lease.node]
+        try:
+            task = self._get(task_id)
+            if task.stage == "uploading":
+                await self._upload(task, node, lease)
+            if task.stage != "fetching":
+                await self._follow(task_id, node, lease)
+            await self._fetch(task_id, node, lease)
+        except AttemptEnded as ended:
+            self._attempt_ended(task_id, ended.outcome, ended.message)
+        except NodeFull as exc:
+            node.refused_until = self.clock() + REFUSED_BACKOFF_S
+            self._attempt_ended(task_id, Outcome.NOT_STARTED, exc.message)
+        except NodeUnreachable as exc:
+            self._mark_unreachable(node, exc.message)
+            self._attempt_ended(task_id, Outcome.NODE_FAILED, exc.message)
+        except (JobUnknown, NodeRejected) as exc:
+            self._attempt_ended(task_id, Outcome.NODE_FAILED, exc.message)
+        except asyncio.CancelledError:
+            raise  # shutdown or user cancel: whoever cancelled keeps the books
+        except Exception as exc:
+            log.exception("worker crashed")
+            self._attempt_ended(task_id, Outcome.NODE_FAILED, f"dispatcher error: {exc!r}")
+        finally:
+            if self.workers.get(task_id) is asyncio.current_task():
+                del self.workers[task_id]
+
+    async def _upload(self, task: Task, node: NodeRuntime, lease: Lease) -> None:
+        await self.nodes.submit(node.config, lease.job_id, Path(task.audio_path),
+                                Path(task.video_path), task.options)
+        self.store.update(task.id, stage="running", message=f"running on {node.name}",
+                          updated_at=self.clock())
+
+    async def _follow(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
+        task = self._get(task_id)
+        stall_s = task.stall_timeout_s or self.settings.stall_timeout_s
+        limit_s = task.task_timeout_s or self.settings.task_timeout_s
+        progress, message = task.progress, task.message
+        last_change = self.clock()
+        while True:
+            info = await self.nodes.job(node.config, lease.job_id)
+            now = self.clock()
+            state = info.get("state")
+            new_progress = float(info.get("progress") or 0.0)
+            new_message = str(info.get("message") or "")
+            if new_progress > progress:
+                last_change = now
+            if (new_progress, new_message) != (progress, message):
+                progress, message = max(progress, new_progress), new_message
+                self.store.update(task_id, progress=progress, message=message,
+                                  last_progress_at=last_change, updated_at=now)
+            if state == "succeeded":
+                return
+            _raise_if_job_ended(state, info, node.name)
+            if now - last_change > stall_s:
+                raise AttemptEnded(Outcome.NODE_FAILED,
+                                   f"stalled: no progress for {stall_s:.0f}s at {progress:.0f}%")
+            if now - lease.started_at > limit_s:
+                raise AttemptEnded(Outcome.NODE_FAILED, f"timed out after {limit_s:.0f}s")
+            await self.sleep(self.settings.poll_interval_s)
+
+    async def _fetch(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
+        self.store.update(task_id, stage="fetching", message=f"downloading result from {node.name}",
+                          updated_at=self.clock())
+        self.settings.results_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.settings.results_dir / f"{task_id}.mp4"
+        size = await self.nodes.fetch_result(node.config, lease.job_id, dest)
+        try:
+            await asyncio.to_thread(require_video, dest, "the result")
+        except NotMedia as exc:
+            dest.unlink(missing_ok=True)
+            raise AttemptEnded(Outcome.JOB_FAILED, f"{node.name} returned a bad video: {exc}")
+        done = self._finish(task_id, TaskStatus.COMPLETED, None, result_path=str(dest),
+                            result_size=size, progress=100.0, stage="done")
+        if done is None:  # cancelled while we downloaded
+            dest.unlink(missing_ok=True)
+        self._learn_speed(node, lease)
+        node.jobs_done += 1
+        node.job_failures_in_row = 0
+        self._release(task_id)
+        self._in_background(self._forget_job(node, lease.job_id))
+
+    def _learn_speed(self, node: NodeRuntime, lease: Lease) -> None:
+        if lease.media_seconds:
+            observed = (self.clock() - lease.started_at) / lease.media_seconds
+            node.speed = scheduler.update_speed(node.speed, observed)
+
+    # -- endings --------------------------------------------------------------------------
+    def _attempt_ended(self, task_id: str, outcome: Outcome, message: str) -> None:
+        lease = self.leases.get(task_id)
+        task = self.store.get(task_id)
+        if lease is None or task is None or task.status is not TaskStatus.PROCESSING:
+            return
+        node = self.fleet.nodes.get(lease.node)
+        decision = decide_retry(outcome, task.attempts, task.max_attempts)
+        entry = {"node": lease.node, "job_id": lease.job_id, "outcome": outcome.value,
+                 "error": message, "at": iso(self.clock()), "counted": decision.count_attempt}
+        attempt_log = [*task.attempt_log, entry]
+        attempts = task.attempts if decision.count_attempt else task.attempts - 1
+        log.warning("attempt ended", task_id=task_id, node=lease.node, outcome=outcome.value,
+                    error=message, requeue=decision.requeue)
+        if decision.requeue:
+            self.store.transition(
+                task_id, TaskStatus.PENDING, node=None, node_job_id=None, stage="queued",
+                progress=0.0, message=f"queued again after: {message}", attempts=attempts,
+                attempt_log=attempt_log, updated_at=self.clock())
+        else:
+            self._finish(task_id, TaskStatus.FAILED, failure_summary(attempt_log),
+                         attempt_log=attempt_log, attempts=attempts)
+        if node is not None and outcome is not Outcome.NOT_STARTED:
+            self._count_failure(node)
+        self._release(task_id)
+        if node is not None:
+            self._in_background(self._forget_job(node, lease.job_id))
+
+    def _count_failure(self, node: NodeRuntime) -> None:
+        node.jobs_failed += 1
+        node.job_failures_in_row += 1
+        if node.job_failures_in_row >= self.settings.eject_after_failures:
+            node.ejections += 1
+            cooldown = ejection_cooldown(node.ejections, self.settings.eject_base_s)
+            node.ejected_until = self.clock() + cooldown
+            node.job_failures_in_row = 0
+            node.last_error = f"ejected for {cooldown:.0f}s after repeated job failures"
+            log.warning("node ejected", node=node.name, cooldown_s=cooldown)
+
+    def _mark_unreachable(self, node: NodeRuntime, message: str) -> None:
+        # Passive detection: do not hand the next task to a node that just refused us.
+        node.health = Health.UNHEALTHY
+        node.probe_successes = 0
+        node.last_error = message
+
+    def _release(self, task_id: str) -> None:
+        lease = self.leases.pop(task_id, None)
+        if lease is not None and lease.node in self.fleet.nodes:
+            self.fleet.nodes[lease.node].forget_reported(lease.job_id)
+        self.wake.set()
+
+    async def _forget_job(self, node: NodeRuntime, job_id: str) -> None:
+        try:
+            await self.nodes.delete(node.config, job_id)
+        except NodeError as exc:
+            # The health loop deletes jobs nobody owns, so this is retried later.
+            log.info("could not delete job on node yet", node=node.name, job_id=job_id,
+                     error=exc.message)
+
+    def _finish(
+        self, task_id: str, status: TaskStatus, error: str | None, **values: Any
+    ) -> Task | None:
+        """Enter a terminal state; the callback is queued in the same transaction."""
+        now = self.clock()
+        task = self.store.get(task_id)
+        if task is None:
+            return None
+        message = {TaskStatus.COMPLETED: "completed", TaskStatus.CANCELLED: "cancelled"}.get(
+            status, error or "failed")
+        callback = None
+        if task.callback_url:
+            body = self.callback_body(replace(task, **values), status, now, error)
+            callback = (task.callback_url, body, now)
+        done = self.store.transition(
+            task_id, status, callback=callback, completed_at=now, updated_at=now,
+            error_message=error, message=message,
+            **{"stage": status.value, **values},
+        )
+        if done is not None:
+            log.info("task finished", task_id=task_id, status=status.value, error=error)
+            self.callbacks_wake.set()
+            event = self._terminal_events.pop(task_id, None)
+            if event is not None:
+                event.set()
+        return done
+
+    def callback_body(
+        self, task: Task, status: TaskStatus, now: float, error: str | None
+    ) -> dict[str, Any]:
+        result_url = None
+        if status is TaskStatus.COMPLETED:
+            result_url = f"{self.settings.public_url.rstrip('/')}/tasks/{task.id}/result"
+        return {
+            "task_id": task.id,
+            "status": status.value,
+            "completed_at": iso(now),
+            "error_message": error,
+            "description": task.description,
+            "result_url": result_url,
+            "attempts": task.attempts,
+            "node": task.node,
+        }
+
+    # -- user control ---------------------------------------------------------------------
+    def _get(self, task_id: str) -> Task:
+        task = self.store.get(task_id)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def cancel(self, task_id: str) -> Task:
+        task = self._get(task_id)
+        if task.status.terminal:
+            raise TaskStateConflict(f"task {task_id} is already {task.status.value}")
+        done = self._finish(task_id, TaskStatus.CANCELLED, "cancelled by user")
+        if done is None:
+            raise TaskStateConflict(f"task {task_id} is already {self._get(task_id).status}")
+        worker = self.workers.pop(task_id, None)
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        lease = self.leases.get(task_id)
+        self._release(task_id)
+        if lease is not None and lease.node in self.fleet.nodes:
+            # Awaited, not backgrounded: the slot is free on the node when we answer.
+            await self._forget_job(self.fleet.nodes[lease.node], lease.job_id)
+        return done
+
+    def retry(self, task_id: str) -> Task:
+        task = self._get(task_id)
+        if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+            raise TaskStateConflict(
+                f"only failed or cancelled tasks can be retried; {task_id} is {task.status}")
+        if task.files_expired:
+            raise TaskStateConflict(
+                f"the inputs of {task_id} were deleted by retention; submit it again")
+        now = self.clock()
+        updated = self.store.transition(
+            task_id, TaskStatus.PENDING, attempts=0, error_message=None, completed_at=None,
+            stage="queued", progress=0.0, message="queued again by user", enqueued_at=now,
+            node=None, node_job_id=None, updated_at=now,
+        )
+        if updated is None:
+            raise TaskStateConflict(f"task {task_id} changed state; try again")
+        self.wake.set()
+        return updated
+
+    async def wait_terminal(self, task_id: str, timeout_s: float) -> Task:
+        event = self._terminal_events.setdefault(task_id, asyncio.Event())
+        task = self._get(task_id)
+        if not task.status.terminal:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        return self._get(task_id)
+
+
+def _raise_if_job_ended(state: object, info: dict[str, Any], node: str) -> None:
+    if state == "failed":
+        error = str(info.get("error") or "no error message")
+        if info.get("error_kind") == "busy":
+            raise AttemptEnded(Outcome.NOT_STARTED, f"model on {node} was busy: {error}")
+        raise AttemptEnded(Outcome.JOB_FAILED, f"job failed on {node}: {error}")
+    if state == "cancelled":
+        raise AttemptEnded(Outcome.NODE_FAILED, f"the job was cancelled on {node}")
+    if state not in ("running", "receiving"):
+        raise AttemptEnded(Outcome.NODE_FAILED, f"{node} reported an unknown state {state!r}")

@@ -1,0 +1,319 @@
+"""The public HTTP API. Routes stay thin: parse, call the engine or the store, shape JSON."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from dispatcher import __version__
+from dispatcher.background import reload_machines
+from dispatcher.engine import Engine, TaskNotFound, TaskStateConflict, iso
+from dispatcher.states import TaskStatus
+from dispatcher.store import Task
+from dispatcher.submit import SubmitError, place_files, receive
+
+STATIC = Path(__file__).parent / "static"
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+tasks = APIRouter(tags=["tasks"])
+fleet = APIRouter(tags=["fleet"])
+
+_FORM_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "audio_file": {"type": "string", "format": "binary",
+                                       "description": "the speech (or send it as 'audio')"},
+                        "video_file": {"type": "string", "format": "binary",
+                                       "description": "the face video (or send it as 'video')"},
+                        "description": {"type": "string"},
+                        "callback_url": {"type": "string",
+                                         "description": "POSTed JSON when the task ends"},
+                        "task_id": {"type": "string",
+                                    "description": "your own id; a repeat returns the task"},
+                        "priority": {"type": "integer", "description": "higher starts first"},
+                        "expires_in": {"type": "number",
+                                       "description": "seconds to start within, else failed"},
+                        "stall_timeout": {"type": "number"},
+                        "task_timeout": {"type": "number"},
+                        "max_attempts": {"type": "integer"},
+                        "options": {"type": "string", "description": "JSON for the model"},
+                        "chaofen": {"type": "integer"},
+                        "watermark_switch": {"type": "integer"},
+                        "pn": {"type": "integer"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def task_view(engine: Engine, task: Task, queue: dict[str, tuple[int, float]] | None = None
+              ) -> dict[str, Any]:
+    position, eta = None, None
+    if task.status is TaskStatus.PENDING:
+        position, eta_ts = (queue if queue is not None else engine.queue_view()).get(
+            task.id, (None, None))
+        eta = iso(eta_ts)
+    elif task.status is TaskStatus.PROCESSING:
+        eta = iso(engine.running_eta(task))
+    has_result = task.status is TaskStatus.COMPLETED and not task.files_expired
+    return {
+        "task_id": task.id,
+        "status": task.status.value,
+        "description": task.description,
+        "progress": round(task.progress, 1),
+        "stage": task.stage,
+        "message": task.message,
+        "error_message": task.error_message,
+        "queue_position": position,
+        "eta": eta,
+        "node": task.node,
+        "priority": task.priority,
+        "attempts": task.attempts,
+        "max_attempts": task.max_attempts,
+        "media_seconds": task.media_seconds,
+        "created_at": iso(task.created_at),
+        "started_at": iso(task.started_at),
+        "completed_at": iso(task.completed_at),
+        "updated_at": iso(task.updated_at),
+        "expires_at": iso(task.expires_at),
+        "result_url": f"/tasks/{task.id}/result" if has_result else None,
+        "result_size": task.result_size if has_result else None,
+        "files_expired": task.files_expired,
+        "callback_url": task.callback_url,
+        "attempt_log": task.attempt_log,
+    }
+
+
+def _task_or_404(engine: Engine, task_id: str) -> Task:
+    task = engine.store.get(task_id)
+    if task is None:
+        raise HTTPException(404, f"task not found: {task_id}")
+    return task
+
+
+async def _create(request: Request, engine: Engine, idempotency_key: str | None) -> Task:
+    settings = engine.settings
+    if idempotency_key:
+        existing = engine.store.by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return existing
+    free = shutil.disk_usage(settings.data_dir).free
+    if free < settings.min_free_disk_bytes:
+        raise HTTPException(507, f"the dispatcher's disk is nearly full ({free} bytes free); "
+                                 "try again once old results have expired")
+    try:
+        task, staging = await receive(settings, request.headers.get("content-type", ""),
+                                      request.stream(), engine.clock(), idempotency_key)
+    except SubmitError as exc:
+        raise HTTPException(exc.status, exc.message) from None
+    existing = engine.store.get(task.id)
+    if existing is not None:  # same client task_id again: the first one stands
+        shutil.rmtree(staging, ignore_errors=True)
+        return existing
+    place_files(staging, task)
+    return engine.submit(task)
+
+
+@tasks.post("/tasks", openapi_extra=_FORM_DOC,
+            summary="Submit a task (multipart: audio_file + video_file)")
+async def create_task(
+    request: Request, engine: EngineDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> dict[str, Any]:
+    task = await _create(request, engine, idempotency_key)
+    return {**task_view(engine, task), "task_id": task.id, "status": task.status.value}
+
+
+@tasks.post("/tasks/sync", openapi_extra=_FORM_DOC, response_class=FileResponse,
+            summary="Submit and wait: answers with the finished video's bytes")
+async def create_task_sync(
+    request: Request, engine: EngineDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> FileResponse:
+    task = await _create(request, engine, idempotency_key)
+    task = await engine.wait_terminal(task.id, engine.settings.sync_timeout_s)
+    headers = {"X-Task-Id": task.id}
+    if task.status is TaskStatus.COMPLETED and task.result_path and not task.files_expired:
+        return FileResponse(task.result_path, media_type="video/mp4",
+                            filename=f"{task.id}.mp4", headers=headers)
+    if not task.status.terminal:
+        raise HTTPException(504, f"task {task.id} is still {task.status.value} after "
+                                 f"{engine.settings.sync_timeout_s:.0f}s; poll GET /tasks/{task.id}",
+                            headers=headers)
+    raise HTTPException(502, f"task {task.id} {task.status.value}: {task.error_message}",
+                        headers=headers)
+
+
+@tasks.get("/tasks", summary="List tasks, newest first")
+async def list_tasks(
+    engine: EngineDep,
+    status: TaskStatus | None = None,
+    since: Annotated[float | None, Query(description="unix time; tasks created since")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    ids: Annotated[str | None, Query(description="comma-separated ids (batch status)")] = None,
+) -> dict[str, Any]:
+    if ids is not None:
+        return _batch(engine, [i for i in ids.split(",") if i])
+    found, total = engine.store.list(status, since, limit, offset)
+    queue = engine.queue_view()
+    return {"tasks": [task_view(engine, t, queue) for t in found], "total": total,
+            "limit": limit, "offset": offset}
+
+
+class BatchQuery(BaseModel):
+    task_ids: list[str] = Field(min_length=1, max_length=1000)
+
+
+def _batch(engine: Engine, task_ids: list[str]) -> dict[str, Any]:
+    found = engine.store.get_many(task_ids)
+    queue = engine.queue_view()
+    return {
+        "tasks": [task_view(engine, found[i], queue) for i in task_ids if i in found],
+        "unknown": [i for i in task_ids if i not in found],
+    }
+
+
+@tasks.post("/tasks/batch", summary="Status of many tasks at once; unknown ids listed")
+async def batch_status(query: BatchQuery, engine: EngineDep) -> dict[str, Any]:
+    return _batch(engine, query.task_ids)
+
+
+@tasks.get("/tasks/{task_id}", summary="Status, progress, queue position and ETA")
+async def get_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
+    return task_view(engine, _task_or_404(engine, task_id))
+
+
+@tasks.get("/tasks/{task_id}/result", response_class=FileResponse,
+           summary="The finished video")
+async def get_result(task_id: str, engine: EngineDep) -> FileResponse:
+    task = _task_or_404(engine, task_id)
+    if task.status is not TaskStatus.COMPLETED:
+        raise HTTPException(409, f"task {task_id} has no result: it is {task.status.value}"
+                                 + (f" ({task.error_message})" if task.error_message else ""))
+    if task.files_expired or not task.result_path or not Path(task.result_path).is_file():
+        raise HTTPException(410, f"the result of task {task_id} was deleted by retention")
+    return FileResponse(task.result_path, media_type="video/mp4", filename=f"{task_id}.mp4")
+
+
+@tasks.delete("/tasks/{task_id}", summary="Cancel a queued or running task")
+async def cancel_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
+    try:
+        task = await engine.cancel(task_id)
+    except TaskNotFound:
+        raise HTTPException(404, f"task not found: {task_id}") from None
+    except TaskStateConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    return task_view(engine, task)
+
+
+@tasks.post("/tasks/{task_id}/retry", summary="Queue a failed or cancelled task again")
+async def retry_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
+    try:
+        task = engine.retry(task_id)
+    except TaskNotFound:
+        raise HTTPException(404, f"task not found: {task_id}") from None
+    except TaskStateConflict as exc:
+        raise HTTPException(409, str(exc)) from None
+    return task_view(engine, task)
+
+
+def machine_view(engine: Engine) -> list[dict[str, Any]]:
+    now = engine.clock()
+    in_flight = engine.in_flight()
+    running: dict[str, list[str]] = {}
+    for task_id, lease in engine.leases.items():
+        running.setdefault(lease.node, []).append(task_id)
+    views = []
+    for node in engine.fleet.nodes.values():
+        report = node.report
+        views.append({
+            "name": node.name,
+            "url": node.config.base_url,
+            "state": node.state_label(now),
+            "health": node.health.value,
+            "enabled": node.config.enabled,
+            "slots_used": in_flight.get(node.name, 0),
+            "slots_total": node.config.max_concurrent,
+            "running_tasks": sorted(running.get(node.name, [])),
+            "last_error": node.last_error,
+            "last_seen_at": iso(node.last_seen_at),
+            "jobs_done": node.jobs_done,
+            "jobs_failed": node.jobs_failed,
+            "speed": round(node.speed, 3) if node.speed is not None else None,
+            "ejected_until": iso(node.ejected_until) if node.ejected_until > now else None,
+            "backend": report.get("backend"),
+            "version": report.get("version"),
+            "gpus": report.get("gpus"),
+        })
+    return views
+
+
+@fleet.get("/machines", summary="Every node: health, slots, running tasks, speed")
+async def machines(engine: EngineDep) -> dict[str, Any]:
+    return {"machines": machine_view(engine), "config_path": str(engine.settings.machines),
+            "config_error": engine.fleet.config_error or None,
+            "config_loaded_at": iso(engine.fleet.config_loaded_at),
+            "policy": engine.settings.policy.value}
+
+
+@fleet.post("/machines/reload", summary="Read machines.json now")
+async def reload(engine: EngineDep) -> dict[str, Any]:
+    applied = reload_machines(engine)
+    return {"applied": applied, **(await machines(engine))}
+
+
+@fleet.get("/health", summary="Is the dispatcher up, and can it run work")
+async def health(engine: EngineDep) -> dict[str, Any]:
+    now = engine.clock()
+    accepting = [n.name for n in engine.fleet.nodes.values() if n.accepting(now)]
+    counts = engine.store.counts()
+    return {"status": "ok" if accepting else "degraded", "version": __version__,
+            "nodes_accepting": len(accepting), "nodes_total": len(engine.fleet.nodes),
+            "queued": counts.get("pending", 0), "processing": counts.get("processing", 0),
+            "config_error": engine.fleet.config_error or None}
+
+
+@fleet.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+async def metrics(engine: EngineDep) -> str:
+    counts = engine.store.counts()
+    in_flight = engine.in_flight()
+    lines = ["# TYPE heygem_tasks gauge"]
+    lines += [f'heygem_tasks{{status="{s.value}"}} {counts.get(s.value, 0)}' for s in TaskStatus]
+    lines += ["# TYPE heygem_node_slots_used gauge", "# TYPE heygem_node_slots_total gauge",
+              "# TYPE heygem_node_up gauge", "# TYPE heygem_node_jobs_done counter",
+              "# TYPE heygem_node_jobs_failed counter"]
+    now = engine.clock()
+    for node in engine.fleet.nodes.values():
+        label = f'{{node="{node.name}"}}'
+        lines += [
+            f"heygem_node_slots_used{label} {in_flight.get(node.name, 0)}",
+            f"heygem_node_slots_total{label} {node.config.max_concurrent}",
+            f"heygem_node_up{label} {int(node.accepting(now))}",
+            f"heygem_node_jobs_done{label} {node.jobs_done}",
+            f"heygem_node_jobs_failed{label} {node.jobs_failed}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@fleet.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard() -> HTMLResponse:
+    return HTMLResponse((STATIC / "dashboard.html").read_text(encoding="utf-8"))

@@ -1,0 +1,71 @@
+"""What every model backend of the node agent provides.
+
+A backend turns one job (an audio file and a video file on local disk) into one output
+video. The job manager owns slots, bookkeeping and cancellation; a backend only does the
+work and reports progress.
+
+Errors a backend raises:
+
+    BackendError            the job failed; ``message`` is shown to the user
+      +-- BackendBusy       the model refused the job because it is busy (HeyGem 10001);
+                            the job was not started, so the dispatcher retries it elsewhere
+                            without charging an attempt
+
+Cancellation is ``asyncio.CancelledError`` delivered into ``run``: a backend must stop its
+underlying work (kill the process, forget the remote job) before letting it propagate.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+# percent in 0..100, and a short human-readable stage ("encoding", "queued on model", ...)
+ProgressFn = Callable[[float, str], None]
+
+
+class BackendError(Exception):
+    """The job failed; the message is meant for a person."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BackendBusy(BackendError):
+    """The model dropped the submit because it is busy; nothing ran."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    audio: Path
+    video: Path
+    output: Path  # where the backend must leave the finished mp4
+    workdir: Path  # a private folder for intermediate files, removed with the job
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    ok: bool
+    detail: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    async def run(self, spec: JobSpec, progress: ProgressFn) -> None:
+        """Produce ``spec.output`` or raise ``BackendError``."""
+
+    async def probe(self) -> BackendHealth:
+        """Cheap check that the model behind this backend can take work."""
+        return BackendHealth(ok=True)
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
+        """Release clients and processes when the node agent stops."""
