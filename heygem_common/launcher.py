@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
@@ -33,17 +33,17 @@ class Service:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, ready_path: str = "/health", timeout_s: float = 30.0) -> Service:
-        self._log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.process = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
+        # The child keeps its own copy of the descriptor; ours is closed at once.
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
         self.wait_ready(ready_path, timeout_s)
         return self
 
@@ -85,8 +85,6 @@ class Service:
             os.killpg(self.process.pid, signum)
             if signum == signal.SIGKILL:
                 self.process.wait(10)
-        if self._log is not None and self.process is not None and self.process.poll() is not None:
-            self._log.close()
 
 
 def node_service(workdir: Path, name: str, port: int | None = None, max_concurrent: int = 1,

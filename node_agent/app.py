@@ -1,11 +1,11 @@
 """The node agent's HTTP API: the small protocol the dispatcher speaks (shared/DESIGN.md).
 
-    GET    /health               backend, slots, running jobs, GPU
-    POST   /jobs?job_id=ID       multipart audio + video (+ options JSON); 409 when full;
-                                 200 with the existing job for a known id (idempotent)
-    GET    /jobs/{id}            state, progress, message, error
-    GET    /jobs/{id}/result     the finished mp4, streamed
-    DELETE /jobs/{id}            cancel if running, then forget it and its files
+GET    /health               backend, slots, running jobs, GPU
+POST   /jobs?job_id=ID       multipart audio + video (+ options JSON); 409 when full;
+                             200 with the existing job for a known id (idempotent)
+GET    /jobs/{id}            state, progress, message, error
+GET    /jobs/{id}/result     the finished mp4, streamed
+DELETE /jobs/{id}            cancel if running, then forget it and its files
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ def _state(request: Request) -> NodeState:
     return state
 
 
-def _check_token(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def _check_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     token = _state(request).settings.token
     if not token:
         return
@@ -182,15 +180,22 @@ async def _sweep_forever(node: NodeState) -> None:
 def create_app(settings: NodeSettings, backend: Backend | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = JobManager(backend or build_backend(settings), settings.data_dir,
-                             settings.max_concurrent)
+        manager = JobManager(
+            backend or build_backend(settings), settings.data_dir, settings.max_concurrent
+        )
         manager.restore()
         node = NodeState(settings, manager)
         app.state.node = node
-        loops = [asyncio.create_task(_probe_forever(node)),
-                 asyncio.create_task(_sweep_forever(node))]
-        log.info("node agent ready", backend=manager.backend.name,
-                 max_concurrent=settings.max_concurrent, name=settings.display_name)
+        loops = [
+            asyncio.create_task(_probe_forever(node)),
+            asyncio.create_task(_sweep_forever(node)),
+        ]
+        log.info(
+            "node agent ready",
+            backend=manager.backend.name,
+            max_concurrent=settings.max_concurrent,
+            name=settings.display_name,
+        )
         try:
             yield
         finally:

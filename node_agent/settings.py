@@ -28,6 +28,9 @@ class NodeSettings(BaseSettings):
 
     # ffmpeg backend
     ffmpeg_preset: str = "veryfast"
+    # Read inputs at this multiple of real time (0: as fast as possible). 1.0 makes a job
+    # take as long as its audio, like a GPU model would: useful for demos and failure tests.
+    ffmpeg_readrate: float = Field(0.0, ge=0)
 
     # heygem backend: the Duix.Heygem gen-video container
     heygem_url: str = "http://127.0.0.1:8383"

@@ -17,12 +17,15 @@ from node_agent.settings import NodeSettings
 STDERR_LINES_KEPT = 12
 
 
-def ffmpeg_argv(spec: JobSpec, duration_s: float, preset: str, exe: str) -> list[str]:
+def ffmpeg_argv(
+    spec: JobSpec, duration_s: float, preset: str, exe: str, readrate: float = 0.0
+) -> list[str]:
+    pace = ["-readrate", f"{readrate:g}"] if readrate > 0 else []
     return [
         exe, "-hide_banner", "-nostdin", "-y", "-loglevel", "error",
         # -stream_loop -1 repeats the video for as long as the output needs it.
-        "-stream_loop", "-1", "-i", str(spec.video),
-        "-i", str(spec.audio),
+        *pace, "-stream_loop", "-1", "-i", str(spec.video),
+        *pace, "-i", str(spec.audio),
         "-map", "0:v:0", "-map", "1:a:0",
         "-t", f"{duration_s:.3f}",
         "-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
@@ -51,12 +54,13 @@ class FfmpegBackend(Backend):
 
     def __init__(self, settings: NodeSettings) -> None:
         self._preset = settings.ffmpeg_preset
+        self._readrate = settings.ffmpeg_readrate
 
     async def run(self, spec: JobSpec, progress: ProgressFn) -> None:
         duration_s = await asyncio.to_thread(_check_inputs, spec)
         progress(0.0, "encoding")
         process = await asyncio.create_subprocess_exec(
-            *ffmpeg_argv(spec, duration_s, self._preset, ffmpeg_exe()),
+            *ffmpeg_argv(spec, duration_s, self._preset, ffmpeg_exe(), self._readrate),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
