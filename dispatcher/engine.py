@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -71,7 +72,10 @@ class Lease:
 
 
 def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
+    # An ETA can be infinite (no node can take the task): that is "unknown", not a date.
+    if ts is None or not math.isfinite(ts):
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def job_id_for(task: Task) -> str:
@@ -511,7 +515,7 @@ class Engine:
         updated = self.store.transition(
             task_id, TaskStatus.PENDING, attempts=0, error_message=None, completed_at=None,
             stage="queued", progress=0.0, message="queued again by user", enqueued_at=now,
-            node=None, node_job_id=None, updated_at=now,
+            node=None, node_job_id=None, updated_at=now, expires_at=None,
         )
         if updated is None:
             raise TaskStateConflict(f"task {task_id} changed state; try again")

@@ -68,6 +68,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     result_size: int | None = None
+    # What the model said about the result beyond the file (HeyGem: cost, duration, size).
+    backend_result: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +178,7 @@ class JobManager:
             self._finish(job, JobState.FAILED, "backend reported success but wrote no output")
             return
         job.result_size = spec.output.stat().st_size
+        job.backend_result = _read_backend_result(spec.workdir / "backend_result.json")
         job.progress = 100.0
         self._finish(job, JobState.SUCCEEDED, "done")
         # Inputs are no longer needed once the result exists; keep only what is fetched.
@@ -254,6 +257,14 @@ def _load_finished(folder: Path) -> Job | None:
     if job.state is JobState.SUCCEEDED and not (folder / "result.mp4").is_file():
         return None
     return None if job.state.holds_slot else job
+
+
+def _read_backend_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _remove(path: Path) -> None:
