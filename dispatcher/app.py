@@ -15,6 +15,7 @@ from dispatcher import __version__
 from dispatcher.background import (
     callbacks_forever,
     cleanup_forever,
+    progress_sender,
     health_forever,
     reload_forever,
     reload_machines,
@@ -40,7 +41,8 @@ def create_app(settings: DispatcherSettings) -> FastAPI:
         async with httpx.AsyncClient(limits=limits) as http:
             nodes = NodeClient(http, settings.node_token, settings.node_http_retries,
                                settings.node_http_backoff_s)
-            engine = Engine(settings, store, Fleet(), nodes)
+            engine = Engine(settings, store, Fleet(), nodes,
+                            notify_progress=progress_sender(http, settings.callback_timeout_s))
             app.state.engine = engine
             reload_machines(engine)
             engine.recover()

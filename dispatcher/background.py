@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import structlog
 
 from dispatcher.engine import Engine
-from dispatcher.fleet import Health, NodeRuntime, probe_result
+from dispatcher.fleet import NodeRuntime, probe_result
 from dispatcher.node_client import NodeError
 
 log = structlog.get_logger()
@@ -130,6 +131,20 @@ async def deliver_due_callbacks(engine: Engine, client: httpx.AsyncClient) -> No
                     error=error, gave_up=retry_at is None)
 
 
+def progress_sender(
+    client: httpx.AsyncClient, timeout_s: float
+) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """Progress callbacks are best effort: one try, no outbox (the terminal one is durable)."""
+
+    async def send(url: str, body: dict[str, Any]) -> None:
+        try:
+            await client.post(url, json=body, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            log.info("progress callback not delivered", url=url, error=str(exc))
+
+    return send
+
+
 async def callbacks_forever(engine: Engine, client: httpx.AsyncClient) -> None:
     while True:
         try:
@@ -168,6 +183,3 @@ async def cleanup_forever(engine: Engine) -> None:
             log.exception("cleanup round failed")
         await asyncio.sleep(engine.settings.cleanup_interval_s)
 
-
-def node_health_label(node: NodeRuntime) -> str:
-    return node.health.value if node.health is not Health.UNKNOWN else "unknown"

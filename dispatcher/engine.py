@@ -45,6 +45,10 @@ from heygem_common.media import NotMedia, require_video
 
 log = structlog.get_logger()
 Sleep = Callable[[float], Awaitable[None]]
+# Sends one progress callback (url, body); failures are the sender's to swallow.
+ProgressNotifier = Callable[[str, dict[str, Any]], Awaitable[None]]
+# Progress callbacks go out when progress moved this many points (or the stage changed).
+PROGRESS_CALLBACK_STEP = 10.0
 # After a 409 a node gets no new work for this long, so a full node is not hammered.
 REFUSED_BACKOFF_S = 2.0
 
@@ -98,8 +102,10 @@ class Engine:
         nodes: NodeClient,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
+        notify_progress: ProgressNotifier | None = None,
     ) -> None:
         self.settings = settings
+        self.notify_progress = notify_progress
         self.store = store
         self.fleet = fleet
         self.nodes = nodes
@@ -335,6 +341,8 @@ class Engine:
             if new_progress > progress:
                 last_change = now
             if (new_progress, new_message) != (progress, message):
+                if new_progress >= progress + PROGRESS_CALLBACK_STEP or new_message != message:
+                    self._send_progress(task, max(progress, new_progress), new_message)
                 progress, message = max(progress, new_progress), new_message
                 self.store.update(task_id, progress=progress, message=message,
                                   last_progress_at=last_change, updated_at=now)
@@ -347,6 +355,14 @@ class Engine:
             if now - lease.started_at > limit_s:
                 raise AttemptEnded(Outcome.NODE_FAILED, f"timed out after {limit_s:.0f}s")
             await self.sleep(self.settings.poll_interval_s)
+
+    def _send_progress(self, task: Task, progress: float, message: str) -> None:
+        if not (task.progress_callbacks and task.callback_url and self.notify_progress):
+            return
+        body = {"task_id": task.id, "status": TaskStatus.PROCESSING.value,
+                "progress": round(progress, 1), "message": message, "node": task.node,
+                "completed_at": None, "error_message": None, "description": task.description}
+        self._in_background(self.notify_progress(task.callback_url, body))
 
     async def _fetch(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
         self.store.update(task_id, stage="fetching", message=f"downloading result from {node.name}",

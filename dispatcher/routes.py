@@ -44,6 +44,8 @@ _FORM_DOC: dict[str, Any] = {
                         "description": {"type": "string"},
                         "callback_url": {"type": "string",
                                          "description": "POSTed JSON when the task ends"},
+                        "progress_callbacks": {"type": "boolean",
+                                               "description": "also POST progress updates"},
                         "task_id": {"type": "string",
                                     "description": "your own id; a repeat returns the task"},
                         "priority": {"type": "integer", "description": "higher starts first"},

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dispatcher.states import TaskStatus, can_transition, sources_of
+from dispatcher.states import TaskStatus, sources_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     priority         INTEGER NOT NULL DEFAULT 0,
     description      TEXT NOT NULL DEFAULT '',
     callback_url     TEXT,
+    progress_callbacks INTEGER NOT NULL DEFAULT 0,
     options          TEXT NOT NULL DEFAULT '{}',
     idempotency_key  TEXT UNIQUE,
     audio_path       TEXT NOT NULL,
@@ -88,6 +89,7 @@ class Task:
     priority: int = 0
     description: str = ""
     callback_url: str | None = None
+    progress_callbacks: bool = False  # also POST progress while processing (best effort)
     options: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
     audio_name: str = ""
@@ -137,6 +139,7 @@ def _from_row(row: sqlite3.Row) -> Task:
         data[key] = json.loads(data[key])
     data["status"] = TaskStatus(data["status"])
     data["files_expired"] = bool(data["files_expired"])
+    data["progress_callbacks"] = bool(data["progress_callbacks"])
     return Task(**data)
 
 
@@ -275,9 +278,6 @@ class TaskStore:
                     (task_id, url, json.dumps(body), due),
                 )
         return self.get(task_id)
-
-    def allowed(self, task: Task, new: TaskStatus) -> bool:
-        return can_transition(task.status, new)
 
     def expired_files(self, cutoff: float) -> list[Task]:
         """Finished tasks older than ``cutoff`` whose files are still on disk."""

@@ -64,6 +64,15 @@ def _number(form: SpooledForm, name: str, cast: type, low: float, high: float) -
     return value
 
 
+def _flag(form: SpooledForm, name: str) -> bool:
+    raw = (form.first_field(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SubmitError(400, f"{name} must be true or false, got {raw!r}")
+
+
 def _options(form: SpooledForm) -> dict[str, Any]:
     raw = form.first_field("options") or "{}"
     try:
@@ -157,6 +166,7 @@ async def _build_task(
         priority=_number(form, "priority", int, -1000, 1000) or 0,
         description=form.first_field("description") or "",
         callback_url=callback_url,
+        progress_callbacks=_flag(form, "progress_callbacks"),
         options=options,
         idempotency_key=idempotency_key,
         media_seconds=media_seconds,

@@ -124,10 +124,12 @@ class Fleet:
             ],
         )
 
-    def start_dispatcher(self, extra: list[str] | None = None) -> Service:
+    def start_dispatcher(
+        self, extra: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> Service:
         if self.dispatcher is None:
             self.dispatcher = dispatcher_service(
-                self.workdir, self.machines, extra=extra, env=FAST_DISPATCHER_ENV
+                self.workdir, self.machines, extra=extra, env={**FAST_DISPATCHER_ENV, **(env or {})}
             )
         else:  # a restart: same port, same data dir
             self.dispatcher.process = None
@@ -149,6 +151,7 @@ class Fleet:
 # Short intervals so the tests see health changes and reloads in seconds, not minutes.
 FAST_DISPATCHER_ENV = {
     "HEYGEM_HEALTH_INTERVAL_S": "0.5",
+    "HEYGEM_HEALTH_TIMEOUT_S": "1",
     "HEYGEM_POLL_INTERVAL_S": "0.2",
     "HEYGEM_MACHINES_RELOAD_INTERVAL_S": "0.5",
     "HEYGEM_NODE_HTTP_BACKOFF_S": "0.1",

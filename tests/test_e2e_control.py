@@ -7,7 +7,14 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.conftest import Fleet, submit, task_status, wait_for, wait_terminal
+from tests.conftest import (
+    CallbackReceiver,
+    Fleet,
+    submit,
+    task_status,
+    wait_for,
+    wait_terminal,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -106,15 +113,26 @@ def test_a_nearly_full_disk_refuses_new_work(make_fleet: Callable[[], Fleet]) ->
     fleet = make_fleet()
     fleet.add_node("only", 1)
     fleet.write_machines()
-    fleet.dispatcher = None
-    from heygem_common.launcher import dispatcher_service
-    from tests.conftest import FAST_DISPATCHER_ENV
-
-    fleet.dispatcher = dispatcher_service(
-        fleet.workdir, fleet.machines,
-        env={**FAST_DISPATCHER_ENV, "HEYGEM_MIN_FREE_DISK_BYTES": str(2**62)})
-    fleet.dispatcher.start()
+    fleet.start_dispatcher(env={"HEYGEM_MIN_FREE_DISK_BYTES": str(2**62)})
     response = submit(fleet.url)
     assert response.status_code == 507
     assert "disk is nearly full" in response.json()["detail"]
     assert httpx.get(f"{fleet.url}/tasks").json()["total"] == 0
+
+
+def test_progress_reaches_status_and_optional_progress_callbacks(
+    one_slot: Fleet, callbacks: CallbackReceiver
+) -> None:
+    url = one_slot.url
+    task_id = submit(url, callback_url=callbacks.url, progress_callbacks="true").json()["task_id"]
+    seen = wait_for(lambda: task_status(url, task_id)["progress"] > 0, 20, "progress > 0")
+    assert seen
+    wait_terminal(url, [task_id], 30)
+    wait_for(lambda: any(c["status"] == "completed" for c in callbacks.for_task(task_id)), 10,
+             "the terminal callback")
+    received = callbacks.for_task(task_id)
+    progress = [c["progress"] for c in received if c["status"] == "processing"]
+    assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] <= 100
+    assert [c["status"] for c in received].count("completed") == 1
+    assert received[-1]["status"] == "completed"
+    assert submit(url, progress_callbacks="maybe").status_code == 400

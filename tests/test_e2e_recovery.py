@@ -152,3 +152,38 @@ def test_cancel_frees_the_slot_within_a_second(
     assert httpx.delete(f"{fleet.url}/tasks/{first}").status_code == 409
     retried = httpx.post(f"{fleet.url}/tasks/{first}/retry")
     assert retried.status_code == 200 and retried.json()["status"] == "pending"
+
+
+def test_sigterm_leaves_node_jobs_running_for_the_next_start(
+    make_fleet: Callable[[], Fleet], tmp_path: Path, audio_seconds: float
+) -> None:
+    fleet = make_fleet()
+    fleet.add_node("only", 1, env=paced_env(1.5))  # a 4 s job
+    fleet.write_machines()
+    fleet.start_dispatcher()
+    task_id = submit(fleet.url).json()["task_id"]
+    wait_for(lambda: task_status(fleet.url, task_id)["stage"] == "running", 20, "running")
+    assert fleet.dispatcher is not None
+    fleet.dispatcher.stop()  # SIGTERM: a graceful stop
+    assert node_jobs(fleet, "only") == {f"{task_id}.1": "running"}
+    fleet.start_dispatcher()
+    [task] = wait_terminal(fleet.url, [task_id], 30)
+    assert task["status"] == "completed" and task["attempts"] == 1
+    check_result(fleet.url, task_id, tmp_path / "r.mp4", audio_seconds)
+
+
+def test_retention_deletes_files_and_keeps_the_row(make_fleet: Callable[[], Fleet]) -> None:
+    fleet = make_fleet()
+    fleet.add_node("only", 1)
+    fleet.write_machines()
+    fleet.start_dispatcher(env={"HEYGEM_RETENTION_S": "1", "HEYGEM_CLEANUP_INTERVAL_S": "0.3"})
+    task_id = submit(fleet.url).json()["task_id"]
+    wait_terminal(fleet.url, [task_id], 30)
+    data = fleet.workdir / "dispatcher"
+    wait_for(lambda: task_status(fleet.url, task_id)["files_expired"], 10, "files to expire")
+    task = task_status(fleet.url, task_id)
+    assert task["status"] == "completed" and task["result_url"] is None
+    assert not (data / "uploads" / task_id).exists()
+    assert not (data / "results" / f"{task_id}.mp4").exists()
+    gone = httpx.get(f"{fleet.url}/tasks/{task_id}/result")
+    assert gone.status_code == 410 and "deleted by retention" in gone.json()["detail"]
