@@ -15,8 +15,8 @@ from dispatcher import __version__
 from dispatcher.background import (
     callbacks_forever,
     cleanup_forever,
-    progress_sender,
     health_forever,
+    progress_sender,
     reload_forever,
     reload_machines,
 )

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from dispatcher import scheduler
-from dispatcher.fleet import Fleet, Health, NodeRuntime, ejection_cooldown, probe_result
+from dispatcher.fleet import Fleet, Health, NodeRuntime, ejection_cooldown
 from dispatcher.node_client import (
     JobUnknown,
     NodeClient,
@@ -39,7 +39,7 @@ from dispatcher.node_client import (
     NodeUnreachable,
 )
 from dispatcher.settings import DispatcherSettings
-from dispatcher.states import TaskStatus, Outcome, decide_retry
+from dispatcher.states import Outcome, TaskStatus, decide_retry
 from dispatcher.store import Task, TaskStore
 from heygem_common.media import NotMedia, require_video
 
@@ -260,7 +260,8 @@ class Engine:
             self.settings.policy,
         )
         now = self.clock()
-        return {t.id: (i + 1, now + eta) for i, (t, eta) in enumerate(zip(queue, etas))}
+        pairs = zip(queue, etas, strict=True)
+        return {task.id: (i + 1, now + eta) for i, (task, eta) in enumerate(pairs)}
 
     def running_eta(self, task: Task) -> float | None:
         lease = self.leases.get(task.id)
@@ -374,7 +375,8 @@ class Engine:
             await asyncio.to_thread(require_video, dest, "the result")
         except NotMedia as exc:
             dest.unlink(missing_ok=True)
-            raise AttemptEnded(Outcome.JOB_FAILED, f"{node.name} returned a bad video: {exc}")
+            raise AttemptEnded(
+                Outcome.JOB_FAILED, f"{node.name} returned a bad video: {exc}") from exc
         done = self._finish(task_id, TaskStatus.COMPLETED, None, result_path=str(dest),
                             result_size=size, progress=100.0, stage="done")
         if done is None:  # cancelled while we downloaded

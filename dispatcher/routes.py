@@ -157,9 +157,9 @@ async def create_task_sync(
         return FileResponse(task.result_path, media_type="video/mp4",
                             filename=f"{task.id}.mp4", headers=headers)
     if not task.status.terminal:
+        waited = engine.settings.sync_timeout_s
         raise HTTPException(504, f"task {task.id} is still {task.status.value} after "
-                                 f"{engine.settings.sync_timeout_s:.0f}s; poll GET /tasks/{task.id}",
-                            headers=headers)
+                                 f"{waited:.0f}s; poll GET /tasks/{task.id}", headers=headers)
     raise HTTPException(502, f"task {task.id} {task.status.value}: {task.error_message}",
                         headers=headers)
 
@@ -175,7 +175,7 @@ async def list_tasks(
 ) -> dict[str, Any]:
     if ids is not None:
         return _batch(engine, [i for i in ids.split(",") if i])
-    found, total = engine.store.list(status, since, limit, offset)
+    found, total = engine.store.page(status, since, limit, offset)
     queue = engine.queue_view()
     return {"tasks": [task_view(engine, t, queue) for t in found], "total": total,
             "limit": limit, "offset": offset}

@@ -214,14 +214,15 @@ class TaskStore:
         rows = self._db.execute("SELECT * FROM tasks WHERE status = ? ORDER BY seq", (status,))
         return [_from_row(r) for r in rows]
 
-    def list(
+    def page(
         self,
         status: TaskStatus | None = None,
         since: float | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> tuple[list[Task], int]:
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[object] = []
         if status is not None:
             where.append("status = ?")
             args.append(status.value)

@@ -24,10 +24,12 @@ from heygem_common.media import probe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_fleet(machines: Path, workdir: Path, port: int) -> list[Service]:
+def start_fleet(machines: Path, workdir: Path, port: int, pace: float) -> list[Service]:
     config = json.loads(machines.read_text())["machines"]
+    # Paced like a GPU model (a job takes audio length / pace), so progress is visible.
+    env = {"HEYGEM_NODE_FFMPEG_READRATE": str(pace)}
     services = [
-        node_service(workdir, m["name"], m["port"], m["max_concurrent"]).start()
+        node_service(workdir, m["name"], m["port"], m["max_concurrent"], env=env).start()
         for m in config if m.get("enabled", True)
     ]
     services.append(dispatcher_service(workdir, machines, port).start())
@@ -83,12 +85,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--machines", type=Path, default=ROOT / "config/machines.json")
     p.add_argument("--port", type=int, default=8101, help="the dispatcher's port")
     p.add_argument("--keep", action="store_true", help="leave the fleet running")
+    p.add_argument("--pace", type=float, default=2.0,
+                   help="media seconds a node renders per second (0: as fast as it can)")
     p.add_argument("--out", type=Path, default=ROOT / "output")
     args = p.parse_args(argv)
     audio, video = ROOT / "samples/input/audio.mp3", ROOT / "samples/input/video.mp4"
     workdir = Path(tempfile.mkdtemp(prefix="heygem-demo-"))
     print(f"starting the fleet from {args.machines} (logs in {workdir})")
-    services = start_fleet(args.machines, workdir, args.port)
+    services = start_fleet(args.machines, workdir, args.port, args.pace)
     url = services[-1].url
     try:
         print(f"dispatcher at {url} (dashboard {url}/, API docs {url}/docs)")

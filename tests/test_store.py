@@ -75,6 +75,6 @@ def test_idempotency_key_and_listing(store: TaskStore) -> None:
     store.insert(make_task("other", at=5))
     found = store.by_idempotency_key("key-1")
     assert found is not None and found.id == "k"
-    tasks, total = store.list(since=2.0)
+    tasks, total = store.page(since=2.0)
     assert total == 1 and [t.id for t in tasks] == ["other"]
     assert set(store.get_many(["k", "nope"])) == {"k"}
