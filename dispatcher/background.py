@@ -15,6 +15,7 @@ import structlog
 from dispatcher.engine import Engine
 from dispatcher.fleet import NodeRuntime, probe_result
 from dispatcher.node_client import NodeError
+from dispatcher.store import Callback
 
 log = structlog.get_logger()
 
@@ -112,23 +113,28 @@ def callback_backoff(attempt: int) -> float:
 
 
 async def deliver_due_callbacks(engine: Engine, client: httpx.AsyncClient) -> None:
+    # Concurrently: one slow receiver must not hold up everybody else's callbacks.
+    due = engine.store.due_callbacks(engine.clock())
+    await asyncio.gather(*(_deliver(engine, client, callback) for callback in due))
+
+
+async def _deliver(engine: Engine, client: httpx.AsyncClient, callback: Callback) -> None:
     settings = engine.settings
-    for callback in engine.store.due_callbacks(engine.clock()):
-        try:
-            response = await client.post(callback.url, json=callback.body,
-                                         timeout=settings.callback_timeout_s)
-            error = "" if response.is_success else f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        now = engine.clock()
-        if not error:
-            engine.store.callback_delivered(callback.id, now)
-            continue
-        tries = callback.attempts + 1
-        retry_at = now + callback_backoff(tries) if tries < settings.callback_max_attempts else None
-        engine.store.callback_failed(callback.id, error, retry_at, now)
-        log.warning("callback failed", task_id=callback.task_id, url=callback.url,
-                    error=error, gave_up=retry_at is None)
+    try:
+        response = await client.post(callback.url, json=callback.body,
+                                     timeout=settings.callback_timeout_s)
+        error = "" if response.is_success else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    now = engine.clock()
+    if not error:
+        engine.store.callback_delivered(callback.id, now)
+        return
+    tries = callback.attempts + 1
+    retry_at = now + callback_backoff(tries) if tries < settings.callback_max_attempts else None
+    engine.store.callback_failed(callback.id, error, retry_at, now)
+    log.warning("callback failed", task_id=callback.task_id, url=callback.url,
+                error=error, gave_up=retry_at is None)
 
 
 def progress_sender(

@@ -126,8 +126,12 @@ async def _create(request: Request, engine: Engine, idempotency_key: str | None)
                                       request.stream(), engine.clock(), idempotency_key)
     except SubmitError as exc:
         raise HTTPException(exc.status, exc.message) from None
+    # Checked again after the upload: a twin request may have been stored meanwhile. From
+    # here to the insert nothing awaits, so no other request can slip in between.
     existing = engine.store.get(task.id)
-    if existing is not None:  # same client task_id again: the first one stands
+    if existing is None and idempotency_key:
+        existing = engine.store.by_idempotency_key(idempotency_key)
+    if existing is not None:  # the first one stands
         shutil.rmtree(staging, ignore_errors=True)
         return existing
     place_files(staging, task)

@@ -94,8 +94,12 @@ async def create_job(
     request: Request, node: State, job_id: Annotated[str, Query(pattern=JOB_ID_PATTERN.pattern)]
 ) -> JSONResponse:
     manager = node.manager
-    if job_id in manager.jobs:  # a retried POST after a lost answer: same job, no new work
-        return JSONResponse(manager.jobs[job_id].public())
+    known = manager.jobs.get(job_id)
+    if known is not None and known.state is JobState.RECEIVING:
+        # The first upload of this id is still arriving (or dying): nothing runs yet.
+        raise HTTPException(409, f"job '{job_id}' is still being received")
+    if known is not None:  # a retried POST after a lost answer: same job, no new work
+        return JSONResponse(known.public())
     try:
         job = manager.reserve(job_id, {})
     except NoFreeSlot:
