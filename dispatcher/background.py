@@ -53,6 +53,8 @@ async def delete_orphans(engine: Engine, node: NodeRuntime, report: dict[str, An
     for job_id in [j for j in jobs if j not in owned]:
         try:
             await engine.nodes.delete(node.config, job_id)
+            node.forget_reported(job_id)  # its slot is free now, not at the next probe
+            engine.wake.set()
             log.info("deleted orphan job", node=node.name, job_id=job_id)
         except NodeError as exc:
             log.info("orphan job not deleted yet", node=node.name, job_id=job_id,

@@ -51,6 +51,7 @@ ProgressNotifier = Callable[[str, dict[str, Any]], Awaitable[None]]
 PROGRESS_CALLBACK_STEP = 10.0
 # After a 409 a node gets no new work for this long, so a full node is not hammered.
 REFUSED_BACKOFF_S = 2.0
+QUEUE_VIEW_TTL_S = 1.0
 
 
 class AttemptEnded(Exception):
@@ -84,11 +85,19 @@ def iso(ts: float | None) -> str | None:
 
 def job_id_for(task: Task) -> str:
     # A fresh id per hand-over: a retried task never collides with its old job on a node.
-    return f"{task.id}.{len(task.attempt_log) + 1}"
+    handed_over = sum(1 for entry in task.attempt_log if entry.get("job_id"))
+    return f"{task.id}.{handed_over + 1}"
+
+
+def current_attempts(attempt_log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The charged attempts since the last explicit retry (the history stays in the log)."""
+    retries = [i for i, a in enumerate(attempt_log) if a.get("outcome") == "retried"]
+    since = retries[-1] + 1 if retries else 0
+    return [a for a in attempt_log[since:] if a.get("counted", True)]
 
 
 def failure_summary(attempt_log: list[dict[str, Any]]) -> str:
-    counted = [a for a in attempt_log if a.get("counted", True)]
+    counted = current_attempts(attempt_log)
     parts = [f"attempt {i} on {a['node']}: {a['error']}" for i, a in enumerate(counted, 1)]
     return f"failed after {len(counted)} attempt(s): " + "; ".join(parts)
 
@@ -118,6 +127,7 @@ class Engine:
         self._terminal_events: dict[str, asyncio.Event] = {}
         self._last_choice: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._queue_view_cache: tuple[float, object, dict[str, tuple[int, float]]] | None = None
 
     # -- start and stop ---------------------------------------------------------------
     def recover(self) -> None:
@@ -187,20 +197,16 @@ class Engine:
     def dispatch_ready(self) -> None:
         """Hand queued tasks to nodes until the head of the queue has to wait."""
         queue = self._drop_expired(self.store.queued())
-        while queue:
-            head, behind = queue[0], queue[1:]
-            node = scheduler.choose_node(
-                self._snapshots_for(head),
-                scheduler.TaskDemand(head.media_seconds),
-                self.settings.policy,
-                self._last_choice,
-                queued_behind=[scheduler.TaskDemand(t.media_seconds) for t in behind],
-            )
+        demands = [scheduler.TaskDemand(t.media_seconds) for t in queue]
+        for i, head in enumerate(queue):
+            behind = demands[i + 1 : i + 1 + scheduler.LOOKAHEAD_TASKS]
+            node = scheduler.choose_node(self._snapshots_for(head), demands[i],
+                                         self.settings.policy, self._last_choice,
+                                         queued_behind=behind)
             if node is None:
                 return
             self._last_choice = node
             self._hand_over(head, node)
-            queue = behind
 
     def _drop_expired(self, queue: list[Task]) -> list[Task]:
         now = self.clock()
@@ -226,15 +232,20 @@ class Engine:
         return counts
 
     def busy_until(self) -> dict[str, tuple[float, ...]]:
+        """Estimated seconds until each task we lease finishes, per node."""
         now = self.clock()
+        speeds = self._effective_speeds()
         result: dict[str, list[float]] = {}
         for lease in self.leases.values():
-            node = self.fleet.nodes.get(lease.node)
             remaining = scheduler.estimate_remaining(
-                lease.media_seconds, node.speed if node else None, now - lease.started_at
-            )
+                lease.media_seconds, speeds.get(lease.node), now - lease.started_at)
             result.setdefault(lease.node, []).append(remaining)
         return {name: tuple(sorted(times)) for name, times in result.items()}
+
+    def _effective_speeds(self) -> dict[str, float]:
+        # Unmeasured nodes are assumed to run at the fleet's median speed.
+        bare = self.fleet.snapshots({}, {})
+        return dict(zip([s.name for s in bare], scheduler.effective_speeds(bare), strict=True))
 
     def snapshots(self) -> list[scheduler.NodeSnapshot]:
         return self.fleet.snapshots(self.in_flight(), self.busy_until())
@@ -242,8 +253,11 @@ class Engine:
     def _snapshots_for(self, task: Task) -> list[scheduler.NodeSnapshot]:
         """Nodes that already failed this task are avoided while another node can take it."""
         snapshots = self.snapshots()
-        failed_on = {a["node"] for a in task.attempt_log if a.get("counted", True)}
-        others = [s for s in snapshots if s.accepting and s.name not in failed_on]
+        failed_on = {a["node"] for a in current_attempts(task.attempt_log)}
+        # Only a node that can start the task now counts as an alternative: a failed node
+        # is better than an idle one while the others are full.
+        others = [s for s in snapshots
+                  if s.accepting and s.free_slots > 0 and s.name not in failed_on]
         if not failed_on or not others:
             return snapshots
         return [
@@ -253,24 +267,32 @@ class Engine:
         ]
 
     def queue_view(self) -> dict[str, tuple[int, float]]:
-        """Queue position (1-based) and expected completion time of every queued task."""
+        """Queue position (1-based) and expected completion time of every queued task.
+
+        Simulating the queue costs O(queue x nodes); status polls within a second share it.
+        """
+        now = self.clock()
+        key = (self.store.queue_fingerprint(), frozenset(self.leases))
+        cached = self._queue_view_cache
+        if cached is not None and cached[1] == key and now - cached[0] < QUEUE_VIEW_TTL_S:
+            return cached[2]
         queue = self.store.queued()
         etas = scheduler.estimate_etas(
             self.snapshots(), [scheduler.TaskDemand(t.media_seconds) for t in queue],
-            self.settings.policy,
+            self.settings.policy, self._last_choice,
         )
-        now = self.clock()
         pairs = zip(queue, etas, strict=True)
-        return {task.id: (i + 1, now + eta) for i, (task, eta) in enumerate(pairs)}
+        view = {task.id: (i + 1, now + eta) for i, (task, eta) in enumerate(pairs)}
+        self._queue_view_cache = (now, key, view)
+        return view
 
     def running_eta(self, task: Task) -> float | None:
         lease = self.leases.get(task.id)
         if lease is None:
             return None
-        node = self.fleet.nodes.get(lease.node)
         now = self.clock()
         return now + scheduler.estimate_remaining(
-            lease.media_seconds, node.speed if node else None, now - lease.started_at)
+            lease.media_seconds, self._effective_speeds().get(lease.node), now - lease.started_at)
 
     # -- one attempt on one node ----------------------------------------------------------
     def _hand_over(self, task: Task, node: str) -> None:
@@ -303,6 +325,8 @@ class Engine:
                 await self._follow(task_id, node, lease)
             await self._fetch(task_id, node, lease)
         except AttemptEnded as ended:
+            if ended.outcome is Outcome.NOT_STARTED:  # the model was busy: treat like a 409
+                node.refused_until = self.clock() + REFUSED_BACKOFF_S
             self._attempt_ended(task_id, ended.outcome, ended.message)
         except NodeFull as exc:
             node.refused_until = self.clock() + REFUSED_BACKOFF_S
@@ -400,8 +424,7 @@ class Engine:
             return
         node = self.fleet.nodes.get(lease.node)
         decision = decide_retry(outcome, task.attempts, task.max_attempts)
-        entry = {"node": lease.node, "job_id": lease.job_id, "outcome": outcome.value,
-                 "error": message, "at": iso(self.clock()), "counted": decision.count_attempt}
+        entry = self._log_entry(lease, outcome.value, message, decision.count_attempt)
         attempt_log = [*task.attempt_log, entry]
         attempts = task.attempts if decision.count_attempt else task.attempts - 1
         log.warning("attempt ended", task_id=task_id, node=lease.node, outcome=outcome.value,
@@ -419,6 +442,12 @@ class Engine:
         self._release(task_id)
         if node is not None:
             self._in_background(self._forget_job(node, lease.job_id))
+
+    def _log_entry(self, lease: Lease | None, outcome: str, error: str,
+                   counted: bool) -> dict[str, Any]:
+        return {"node": lease.node if lease else None,
+                "job_id": lease.job_id if lease else None, "outcome": outcome,
+                "error": error, "at": iso(self.clock()), "counted": counted}
 
     def _count_failure(self, node: NodeRuntime) -> None:
         node.jobs_failed += 1
@@ -506,7 +535,12 @@ class Engine:
         task = self._get(task_id)
         if task.status.terminal:
             raise TaskStateConflict(f"task {task_id} is already {task.status.value}")
-        done = self._finish(task_id, TaskStatus.CANCELLED, "cancelled by user")
+        lease = self.leases.get(task_id)
+        values: dict[str, Any] = {}
+        if lease is not None:  # logged, so that a retry never reuses this job id
+            values["attempt_log"] = [*task.attempt_log, self._log_entry(
+                lease, "cancelled", "cancelled by user", counted=False)]
+        done = self._finish(task_id, TaskStatus.CANCELLED, "cancelled by user", **values)
         if done is None:
             raise TaskStateConflict(f"task {task_id} is already {self._get(task_id).status}")
         worker = self.workers.pop(task_id, None)
@@ -514,11 +548,12 @@ class Engine:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-        lease = self.leases.get(task_id)
-        self._release(task_id)
         if lease is not None and lease.node in self.fleet.nodes:
-            # Awaited, not backgrounded: the slot is free on the node when we answer.
+            # The job is gone from the node before the lease is: otherwise the next task
+            # could reach the node while it still runs this one, and get a 409.
             await self._forget_job(self.fleet.nodes[lease.node], lease.job_id)
+        if lease is not None and self.leases.get(task_id) is lease:
+            self._release(task_id)
         return done
 
     def retry(self, task_id: str) -> Task:
@@ -530,8 +565,10 @@ class Engine:
             raise TaskStateConflict(
                 f"the inputs of {task_id} were deleted by retention; submit it again")
         now = self.clock()
+        marker = self._log_entry(None, "retried", "queued again by user", counted=False)
         updated = self.store.transition(
             task_id, TaskStatus.PENDING, attempts=0, error_message=None, completed_at=None,
+            attempt_log=[*task.attempt_log, marker],
             stage="queued", progress=0.0, message="queued again by user", enqueued_at=now,
             node=None, node_job_id=None, updated_at=now, expires_at=None,
         )
@@ -541,11 +578,16 @@ class Engine:
         return updated
 
     async def wait_terminal(self, task_id: str, timeout_s: float) -> Task:
-        event = self._terminal_events.setdefault(task_id, asyncio.Event())
         task = self._get(task_id)
-        if not task.status.terminal:
+        if task.status.terminal:
+            return task
+        event = self._terminal_events.setdefault(task_id, asyncio.Event())
+        try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout_s)
+        finally:
+            if not event.is_set():  # timed out or the client left: do not keep the event
+                self._terminal_events.pop(task_id, None)
         return self._get(task_id)
 
 

@@ -30,6 +30,9 @@ class MachineConfig(BaseModel):
     max_concurrent: int = Field(1, ge=1, le=64)
     enabled: bool = True
     scheme: str = "http"
+    # Optional hint: processing seconds per second of output media (e.g. 0.5 for a fast GPU,
+    # 2.0 for a slow one). Used for scheduling and ETAs until the node's speed is measured.
+    speed: float | None = Field(None, gt=0)
 
     @field_validator("scheme")
     @classmethod
@@ -169,6 +172,8 @@ class Fleet:
                 self.nodes[config.name] = node
             node.config = config
             node.mode = NodeMode.ACTIVE if config.enabled else NodeMode.DISABLED
+            if node.speed is None:
+                node.speed = config.speed
         for name, node in self.nodes.items():
             if name not in seen:
                 node.mode = NodeMode.DRAINING

@@ -210,6 +210,12 @@ class TaskStore:
         )
         return [_from_row(r) for r in rows]
 
+    def queue_fingerprint(self) -> tuple[int, float | None]:
+        """Changes whenever a task joins, leaves or moves in the queue."""
+        count, newest = self._db.execute(
+            "SELECT COUNT(*), MAX(updated_at) FROM tasks WHERE status = 'pending'").fetchone()
+        return count, newest
+
     def with_status(self, status: TaskStatus) -> list[Task]:
         rows = self._db.execute("SELECT * FROM tasks WHERE status = ? ORDER BY seq", (status,))
         return [_from_row(r) for r in rows]

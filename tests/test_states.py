@@ -66,3 +66,12 @@ def test_failure_summary_names_every_counted_attempt() -> None:
         "failed after 2 attempt(s): attempt 1 on a: upload on a: connection refused; "
         "attempt 2 on b: stalled: no progress for 600s at 20%"
     )
+
+
+def test_a_retry_starts_the_attempt_count_afresh() -> None:
+    log = [
+        {"node": "a", "job_id": "t.1", "error": "old failure", "counted": True},
+        {"node": None, "job_id": None, "outcome": "retried", "counted": False},
+        {"node": "b", "job_id": "t.2", "error": "new failure", "counted": True},
+    ]
+    assert failure_summary(log) == "failed after 1 attempt(s): attempt 1 on b: new failure"
