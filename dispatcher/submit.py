@@ -10,7 +10,6 @@ Field names follow seed 001: ``audio_file`` / ``video_file`` (its async sample) 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import shutil
 import uuid
@@ -23,7 +22,13 @@ from urllib.parse import urlsplit
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import TaskStatus
 from dispatcher.store import Task
-from heygem_common.forms import FormError, SpooledForm, UploadedFile, spool_form
+from heygem_common.forms import (
+    FormError,
+    SpooledForm,
+    UploadedFile,
+    json_object_field,
+    spool_form,
+)
 from heygem_common.media import NotMedia, require_audio, require_video
 
 AUDIO_FIELDS = ("audio_file", "audio")
@@ -74,13 +79,7 @@ def _flag(form: SpooledForm, name: str) -> bool:
 
 
 def _options(form: SpooledForm) -> dict[str, Any]:
-    raw = form.first_field("options") or "{}"
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise SubmitError(400, f"options must be a JSON object: {exc}") from None
-    if not isinstance(options, dict):
-        raise SubmitError(400, "options must be a JSON object")
+    options = json_object_field(form, "options")
     for flag in MODEL_FLAGS:
         value = _number(form, flag, int, 0, 1)
         if value is not None:

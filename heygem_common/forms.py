@@ -8,11 +8,12 @@ Memory stays flat whatever the upload size.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -51,6 +52,20 @@ class SpooledForm:
 
 
 _SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
+
+
+def json_object_field(form: SpooledForm, name: str) -> dict[str, Any]:
+    """A form field holding a JSON object (absent or empty: an empty one)."""
+    raw = form.fields.get(name, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise FormError(400, f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise FormError(400, f"{name} must be a JSON object")
+    return value
 
 
 def safe_suffix(filename: str) -> str:

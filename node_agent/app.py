@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from heygem_common.forms import FormError, spool_form
+from heygem_common.forms import FormError, json_object_field, spool_form
 from node_agent import __version__
 from node_agent.backends import build_backend
 from node_agent.backends.base import Backend, BackendHealth
@@ -115,7 +114,7 @@ async def create_job(
         audio, video = form.files.get("audio"), form.files.get("video")
         if audio is None or video is None:
             raise FormError(400, "a job needs both an 'audio' and a 'video' file")
-        job.options = _parse_options(form.fields.get("options", ""))
+        job.options = json_object_field(form, "options")
     except FormError as exc:
         manager.abandon(job_id)
         raise HTTPException(exc.status, exc.message) from None
@@ -124,18 +123,6 @@ async def create_job(
         raise
     manager.start(job, audio.path, video.path)
     return JSONResponse(job.public(), status_code=201)
-
-
-def _parse_options(raw: str) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise FormError(400, f"options is not valid JSON: {exc}") from None
-    if not isinstance(options, dict):
-        raise FormError(400, "options must be a JSON object")
-    return options
 
 
 def _job(node: NodeState, job_id: str) -> Job:
