@@ -65,8 +65,17 @@ DISPATCHER_ENV = {
 # -- media -------------------------------------------------------------------------------------
 def make_audio(path: Path) -> Path:
     if not path.exists():
-        _ffmpeg("-f", "lavfi", "-i", f"sine=frequency=440:duration={AUDIO_SECONDS}",
-                "-c:a", "libmp3lame", "-b:a", "64k", str(path))
+        _ffmpeg(
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={AUDIO_SECONDS}",
+            "-c:a",
+            "libmp3lame",
+            "-b:a",
+            "64k",
+            str(path),
+        )
     return path
 
 
@@ -78,16 +87,27 @@ def make_video(path: Path, size_mb: float, resolution: str) -> Path:
     """
     if not path.exists():
         partial = path.with_name(path.stem + ".part.mp4")
-        _ffmpeg("-f", "lavfi", "-i", f"testsrc2=size={resolution}:rate=30,noise=alls=60:allf=t",
-                "-t", "600", "-fs", str(int(size_mb * MB)), "-c:v", "mpeg4", "-q:v", "1",
-                str(partial))
+        _ffmpeg(
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=size={resolution}:rate=30,noise=alls=60:allf=t",
+            "-t",
+            "600",
+            "-fs",
+            str(int(size_mb * MB)),
+            "-c:v",
+            "mpeg4",
+            "-q:v",
+            "1",
+            str(partial),
+        )
         partial.rename(path)  # an interrupted run leaves no half file under the cached name
     return path
 
 
 def _ffmpeg(*args: str) -> None:
-    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args],
-                   check=True)
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -192,16 +212,19 @@ def wait_node_accepting(dispatcher: Service, timeout_s: float = 30.0) -> None:
 def submit(client: httpx.Client, url: str, audio: Path, video: Path) -> str:
     # File objects, not bytes: httpx reads them chunk by chunk, so the client stays flat too.
     with audio.open("rb") as audio_fh, video.open("rb") as video_fh:
-        response = client.post(f"{url}/tasks", files={"audio_file": audio_fh,
-                                                      "video_file": video_fh},
-                               timeout=httpx.Timeout(60.0, write=600.0))
+        response = client.post(
+            f"{url}/tasks",
+            files={"audio_file": audio_fh, "video_file": video_fh},
+            timeout=httpx.Timeout(60.0, write=600.0),
+        )
     response.raise_for_status()
     task_id: str = response.json()["task_id"]
     return task_id
 
 
-def wait_completed(client: httpx.Client, url: str, task_id: str,
-                   timeout_s: float = 300.0) -> dict[str, float]:
+def wait_completed(
+    client: httpx.Client, url: str, task_id: str, timeout_s: float = 300.0
+) -> dict[str, float]:
     """Follow the task to ``completed``; return when each stage was first seen (monotonic)."""
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout_s
@@ -216,12 +239,12 @@ def wait_completed(client: httpx.Client, url: str, task_id: str,
     raise RuntimeError(f"task {task_id} not completed after {timeout_s}s")
 
 
-def measure(client: httpx.Client, label: str, dispatcher: Service, node: Service, audio: Path,
-            video: Path) -> Measurement:
+def measure(
+    client: httpx.Client, label: str, dispatcher: Service, node: Service, audio: Path, video: Path
+) -> Measurement:
     assert dispatcher.process is not None and node.process is not None
     # Service.process is the group leader: the python process itself, no shell in between.
-    pids = {"dispatcher": dispatcher.process.pid, "node": node.process.pid,
-            "client": os.getpid()}
+    pids = {"dispatcher": dispatcher.process.pid, "node": node.process.pid, "client": os.getpid()}
     with peak_growth(pids) as (growth, peak):
         started = time.monotonic()
         task_id = submit(client, dispatcher.url, audio, video)
@@ -241,18 +264,22 @@ def mib(kib: int) -> str:
 
 
 def print_table(rows: list[Measurement]) -> None:
-    head = (f"{'run':<7} {'upload MB':>9} {'POST s':>6} {'MB/s':>5} {'->node s':>8} "
-            f"{'MB/s':>5} {'done s':>6} {'dispatcher peak/+growth MiB':>27} "
-            f"{'node peak/+growth MiB':>21} {'client +MiB':>11}")
+    head = (
+        f"{'run':<7} {'upload MB':>9} {'POST s':>6} {'MB/s':>5} {'->node s':>8} "
+        f"{'MB/s':>5} {'done s':>6} {'dispatcher peak/+growth MiB':>27} "
+        f"{'node peak/+growth MiB':>21} {'client +MiB':>11}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         disp = f"{mib(r.peak_kib['dispatcher'])} / +{mib(r.growth_kib['dispatcher'])}"
         node = f"{mib(r.peak_kib['node'])} / +{mib(r.growth_kib['node'])}"
-        print(f"{r.label:<7} {r.upload_bytes / MB:>9.1f} {r.upload_s:>6.2f} "
-              f"{r.upload_mb_s:>5.0f} {r.to_node_s:>8.2f} {r.to_node_mb_s:>5.0f} "
-              f"{r.total_s:>6.2f} {disp:>27} {node:>21} "
-              f"{'+' + mib(r.growth_kib['client']):>11}")
+        print(
+            f"{r.label:<7} {r.upload_bytes / MB:>9.1f} {r.upload_s:>6.2f} "
+            f"{r.upload_mb_s:>5.0f} {r.to_node_s:>8.2f} {r.to_node_mb_s:>5.0f} "
+            f"{r.total_s:>6.2f} {disp:>27} {node:>21} "
+            f"{'+' + mib(r.growth_kib['client']):>11}"
+        )
 
 
 def print_ratios(small: Measurement, big: Measurement) -> None:
@@ -262,20 +289,26 @@ def print_ratios(small: Measurement, big: Measurement) -> None:
         base = small.growth_kib[name]
         # Growth of a few hundred KiB is allocator noise: a ratio of it would mean nothing.
         ratio = f"{big.growth_kib[name] / base:.2f}x" if base >= 1024 else "n/a (small < 1 MiB)"
-        print(f"  {name:<10} peak RSS growth big vs small: {extra / 1024:+.1f} MiB, "
-              f"ratio {ratio}")
-    print(f"big upload throughput: client -> dispatcher {big.upload_mb_s:.0f} MB/s "
-          f"(spooled + probed), dispatcher -> node {big.to_node_mb_s:.0f} MB/s (spooled); "
-          f"whole task with the ffmpeg job: {big.total_s:.1f} s")
+        print(f"  {name:<10} peak RSS growth big vs small: {extra / 1024:+.1f} MiB, ratio {ratio}")
+    print(
+        f"big upload throughput: client -> dispatcher {big.upload_mb_s:.0f} MB/s "
+        f"(spooled + probed), dispatcher -> node {big.to_node_mb_s:.0f} MB/s (spooled); "
+        f"whole task with the ffmpeg job: {big.total_s:.1f} s"
+    )
 
 
 # -- main --------------------------------------------------------------------------------------
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--big-mb", type=float, default=300.0,
-                   help="size of the big video in MB (default 300; under the 2 GiB limit)")
-    p.add_argument("--small-mb", type=float, default=1.0,
-                   help="size of the small video in MB (default 1)")
+    p.add_argument(
+        "--big-mb",
+        type=float,
+        default=300.0,
+        help="size of the big video in MB (default 300; under the 2 GiB limit)",
+    )
+    p.add_argument(
+        "--small-mb", type=float, default=1.0, help="size of the small video in MB (default 1)"
+    )
     return p.parse_args()
 
 
@@ -289,8 +322,10 @@ def prepare_media(small_mb: float, big_mb: float) -> tuple[Path, Path, Path]:
     print(f"media in {CACHE_DIR} (ready in {time.monotonic() - started:.1f} s):")
     for path in (audio, small, big):
         info = probe(path)
-        print(f"  {path.name:<22} {path.stat().st_size / MB:>8.1f} MB  "
-              f"{info.duration_s:5.2f} s  {info.format_name.split(',')[0]}")
+        print(
+            f"  {path.name:<22} {path.stat().st_size / MB:>8.1f} MB  "
+            f"{info.duration_s:5.2f} s  {info.format_name.split(',')[0]}"
+        )
     return audio, small, big
 
 
@@ -306,8 +341,10 @@ def main() -> None:
             with httpx.Client() as client:
                 # The first task pays one-time costs (lazy imports, connection pools, PyAV
                 # codecs); it is shown but kept out of the comparison.
-                rows = [measure(client, label, dispatcher, node, audio, video)
-                        for label, video in (("warm-up", small), ("small", small), ("big", big))]
+                rows = [
+                    measure(client, label, dispatcher, node, audio, video)
+                    for label, video in (("warm-up", small), ("small", small), ("big", big))
+                ]
         finally:
             dispatcher.stop()
             node.stop()

@@ -39,10 +39,16 @@ def create_app(settings: DispatcherSettings) -> FastAPI:
         store = TaskStore(settings.db_path)
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
         async with httpx.AsyncClient(limits=limits) as http:
-            nodes = NodeClient(http, settings.node_token, settings.node_http_retries,
-                               settings.node_http_backoff_s)
-            engine = Engine(settings, store, Fleet(), nodes,
-                            notify_progress=progress_sender(http, settings.callback_timeout_s))
+            nodes = NodeClient(
+                http, settings.node_token, settings.node_http_retries, settings.node_http_backoff_s
+            )
+            engine = Engine(
+                settings,
+                store,
+                Fleet(),
+                nodes,
+                notify_progress=progress_sender(http, settings.callback_timeout_s),
+            )
             app.state.engine = engine
             reload_machines(engine)
             engine.recover()
@@ -53,8 +59,12 @@ def create_app(settings: DispatcherSettings) -> FastAPI:
                 asyncio.create_task(callbacks_forever(engine, http)),
                 asyncio.create_task(cleanup_forever(engine)),
             ]
-            log.info("dispatcher ready", port=settings.port, nodes=sorted(engine.fleet.nodes),
-                     data_dir=str(settings.data_dir))
+            log.info(
+                "dispatcher ready",
+                port=settings.port,
+                nodes=sorted(engine.fleet.nodes),
+                data_dir=str(settings.data_dir),
+            )
             try:
                 yield
             finally:

@@ -57,8 +57,7 @@ async def delete_orphans(engine: Engine, node: NodeRuntime, report: dict[str, An
             engine.wake.set()
             log.info("deleted orphan job", node=node.name, job_id=job_id)
         except NodeError as exc:
-            log.info("orphan job not deleted yet", node=node.name, job_id=job_id,
-                     error=exc.message)
+            log.info("orphan job not deleted yet", node=node.name, job_id=job_id, error=exc.message)
 
 
 async def probe_all(engine: Engine) -> None:
@@ -123,8 +122,9 @@ async def deliver_due_callbacks(engine: Engine, client: httpx.AsyncClient) -> No
 async def _deliver(engine: Engine, client: httpx.AsyncClient, callback: Callback) -> None:
     settings = engine.settings
     try:
-        response = await client.post(callback.url, json=callback.body,
-                                     timeout=settings.callback_timeout_s)
+        response = await client.post(
+            callback.url, json=callback.body, timeout=settings.callback_timeout_s
+        )
         error = "" if response.is_success else f"HTTP {response.status_code}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
@@ -135,8 +135,13 @@ async def _deliver(engine: Engine, client: httpx.AsyncClient, callback: Callback
     tries = callback.attempts + 1
     retry_at = now + callback_backoff(tries) if tries < settings.callback_max_attempts else None
     engine.store.callback_failed(callback.id, error, retry_at, now)
-    log.warning("callback failed", task_id=callback.task_id, url=callback.url,
-                error=error, gave_up=retry_at is None)
+    log.warning(
+        "callback failed",
+        task_id=callback.task_id,
+        url=callback.url,
+        error=error,
+        gave_up=retry_at is None,
+    )
 
 
 def progress_sender(
@@ -190,4 +195,3 @@ async def cleanup_forever(engine: Engine) -> None:
         except Exception:
             log.exception("cleanup round failed")
         await asyncio.sleep(engine.settings.cleanup_interval_s)
-

@@ -136,8 +136,12 @@ class Engine:
             if task.node not in self.fleet.nodes or task.node_job_id is None:
                 self._requeue_orphan(task)
                 continue
-            lease = Lease(task.node, task.node_job_id, task.media_seconds,
-                          task.attempt_started_at or self.clock())
+            lease = Lease(
+                task.node,
+                task.node_job_id,
+                task.media_seconds,
+                task.attempt_started_at or self.clock(),
+            )
             self.leases[task.id] = lease
             self._spawn_worker(task.id)
             log.info("re-attached", task_id=task.id, node=task.node, stage=task.stage)
@@ -146,9 +150,14 @@ class Engine:
 
     def _requeue_orphan(self, task: Task) -> None:
         self.store.transition(
-            task.id, TaskStatus.PENDING, node=None, node_job_id=None, stage="queued",
+            task.id,
+            TaskStatus.PENDING,
+            node=None,
+            node_job_id=None,
+            stage="queued",
             message=f"node {task.node} is no longer in machines.json; queued again",
-            attempts=max(0, task.attempts - 1), updated_at=self.clock(),
+            attempts=max(0, task.attempts - 1),
+            updated_at=self.clock(),
         )
 
     def _remove_stray_files(self) -> None:
@@ -200,9 +209,13 @@ class Engine:
         demands = [scheduler.TaskDemand(t.media_seconds) for t in queue]
         for i, head in enumerate(queue):
             behind = demands[i + 1 : i + 1 + scheduler.LOOKAHEAD_TASKS]
-            node = scheduler.choose_node(self._snapshots_for(head), demands[i],
-                                         self.settings.policy, self._last_choice,
-                                         queued_behind=behind)
+            node = scheduler.choose_node(
+                self._snapshots_for(head),
+                demands[i],
+                self.settings.policy,
+                self._last_choice,
+                queued_behind=behind,
+            )
             if node is None:
                 return
             self._last_choice = node
@@ -214,8 +227,11 @@ class Engine:
         for task in queue:
             if task.expires_at is not None and now >= task.expires_at:
                 waited = now - task.created_at
-                self._finish(task.id, TaskStatus.FAILED,
-                             f"expired: not started within its expiry ({waited:.0f}s waited)")
+                self._finish(
+                    task.id,
+                    TaskStatus.FAILED,
+                    f"expired: not started within its expiry ({waited:.0f}s waited)",
+                )
             else:
                 alive.append(task)
         return alive
@@ -238,7 +254,8 @@ class Engine:
         result: dict[str, list[float]] = {}
         for lease in self.leases.values():
             remaining = scheduler.estimate_remaining(
-                lease.media_seconds, speeds.get(lease.node), now - lease.started_at)
+                lease.media_seconds, speeds.get(lease.node), now - lease.started_at
+            )
             result.setdefault(lease.node, []).append(remaining)
         return {name: tuple(sorted(times)) for name, times in result.items()}
 
@@ -256,13 +273,17 @@ class Engine:
         failed_on = {a["node"] for a in current_attempts(task.attempt_log)}
         # Only a node that can start the task now counts as an alternative: a failed node
         # is better than an idle one while the others are full.
-        others = [s for s in snapshots
-                  if s.accepting and s.free_slots > 0 and s.name not in failed_on]
+        others = [
+            s for s in snapshots if s.accepting and s.free_slots > 0 and s.name not in failed_on
+        ]
         if not failed_on or not others:
             return snapshots
         return [
-            s if s.name not in failed_on else scheduler.NodeSnapshot(
-                s.name, s.max_concurrent, s.in_flight, False, s.speed, s.busy_until)
+            s
+            if s.name not in failed_on
+            else scheduler.NodeSnapshot(
+                s.name, s.max_concurrent, s.in_flight, False, s.speed, s.busy_until
+            )
             for s in snapshots
         ]
 
@@ -278,8 +299,10 @@ class Engine:
             return cached[2]
         queue = self.store.queued()
         etas = scheduler.estimate_etas(
-            self.snapshots(), [scheduler.TaskDemand(t.media_seconds) for t in queue],
-            self.settings.policy, self._last_choice,
+            self.snapshots(),
+            [scheduler.TaskDemand(t.media_seconds) for t in queue],
+            self.settings.policy,
+            self._last_choice,
         )
         pairs = zip(queue, etas, strict=True)
         view = {task.id: (i + 1, now + eta) for i, (task, eta) in enumerate(pairs)}
@@ -292,17 +315,26 @@ class Engine:
             return None
         now = self.clock()
         return now + scheduler.estimate_remaining(
-            lease.media_seconds, self._effective_speeds().get(lease.node), now - lease.started_at)
+            lease.media_seconds, self._effective_speeds().get(lease.node), now - lease.started_at
+        )
 
     # -- one attempt on one node ----------------------------------------------------------
     def _hand_over(self, task: Task, node: str) -> None:
         now = self.clock()
         job_id = job_id_for(task)
         updated = self.store.transition(
-            task.id, TaskStatus.PROCESSING, node=node, node_job_id=job_id, stage="uploading",
-            attempts=task.attempts + 1, started_at=task.started_at or now,
-            attempt_started_at=now, last_progress_at=now, progress=0.0,
-            message=f"uploading to {node}", updated_at=now,
+            task.id,
+            TaskStatus.PROCESSING,
+            node=node,
+            node_job_id=job_id,
+            stage="uploading",
+            attempts=task.attempts + 1,
+            started_at=task.started_at or now,
+            attempt_started_at=now,
+            last_progress_at=now,
+            progress=0.0,
+            message=f"uploading to {node}",
+            updated_at=now,
         )
         if updated is None:  # cancelled between the read and now
             return
@@ -346,10 +378,12 @@ class Engine:
                 del self.workers[task_id]
 
     async def _upload(self, task: Task, node: NodeRuntime, lease: Lease) -> None:
-        await self.nodes.submit(node.config, lease.job_id, Path(task.audio_path),
-                                Path(task.video_path), task.options)
-        self.store.update(task.id, stage="running", message=f"running on {node.name}",
-                          updated_at=self.clock())
+        await self.nodes.submit(
+            node.config, lease.job_id, Path(task.audio_path), Path(task.video_path), task.options
+        )
+        self.store.update(
+            task.id, stage="running", message=f"running on {node.name}", updated_at=self.clock()
+        )
 
     async def _follow(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
         task = self._get(task_id)
@@ -369,14 +403,21 @@ class Engine:
                 if new_progress >= progress + PROGRESS_CALLBACK_STEP or new_message != message:
                     self._send_progress(task, max(progress, new_progress), new_message)
                 progress, message = max(progress, new_progress), new_message
-                self.store.update(task_id, progress=progress, message=message,
-                                  last_progress_at=last_change, updated_at=now)
+                self.store.update(
+                    task_id,
+                    progress=progress,
+                    message=message,
+                    last_progress_at=last_change,
+                    updated_at=now,
+                )
             if state == "succeeded":
                 return
             _raise_if_job_ended(state, info, node.name)
             if now - last_change > stall_s:
-                raise AttemptEnded(Outcome.NODE_FAILED,
-                                   f"stalled: no progress for {stall_s:.0f}s at {progress:.0f}%")
+                raise AttemptEnded(
+                    Outcome.NODE_FAILED,
+                    f"stalled: no progress for {stall_s:.0f}s at {progress:.0f}%",
+                )
             if now - lease.started_at > limit_s:
                 raise AttemptEnded(Outcome.NODE_FAILED, f"timed out after {limit_s:.0f}s")
             await self.sleep(self.settings.poll_interval_s)
@@ -384,14 +425,25 @@ class Engine:
     def _send_progress(self, task: Task, progress: float, message: str) -> None:
         if not (task.progress_callbacks and task.callback_url and self.notify_progress):
             return
-        body = {"task_id": task.id, "status": TaskStatus.PROCESSING.value,
-                "progress": round(progress, 1), "message": message, "node": task.node,
-                "completed_at": None, "error_message": None, "description": task.description}
+        body = {
+            "task_id": task.id,
+            "status": TaskStatus.PROCESSING.value,
+            "progress": round(progress, 1),
+            "message": message,
+            "node": task.node,
+            "completed_at": None,
+            "error_message": None,
+            "description": task.description,
+        }
         self._in_background(self.notify_progress(task.callback_url, body))
 
     async def _fetch(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
-        self.store.update(task_id, stage="fetching", message=f"downloading result from {node.name}",
-                          updated_at=self.clock())
+        self.store.update(
+            task_id,
+            stage="fetching",
+            message=f"downloading result from {node.name}",
+            updated_at=self.clock(),
+        )
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         dest = self.settings.results_dir / f"{task_id}.mp4"
         size = await self.nodes.fetch_result(node.config, lease.job_id, dest)
@@ -400,9 +452,17 @@ class Engine:
         except NotMedia as exc:
             dest.unlink(missing_ok=True)
             raise AttemptEnded(
-                Outcome.JOB_FAILED, f"{node.name} returned a bad video: {exc}") from exc
-        done = self._finish(task_id, TaskStatus.COMPLETED, None, result_path=str(dest),
-                            result_size=size, progress=100.0, stage="done")
+                Outcome.JOB_FAILED, f"{node.name} returned a bad video: {exc}"
+            ) from exc
+        done = self._finish(
+            task_id,
+            TaskStatus.COMPLETED,
+            None,
+            result_path=str(dest),
+            result_size=size,
+            progress=100.0,
+            stage="done",
+        )
         if done is None:  # cancelled while we downloaded
             dest.unlink(missing_ok=True)
         self._learn_speed(node, lease)
@@ -427,27 +487,52 @@ class Engine:
         entry = self._log_entry(lease, outcome.value, message, decision.count_attempt)
         attempt_log = [*task.attempt_log, entry]
         attempts = task.attempts if decision.count_attempt else task.attempts - 1
-        log.warning("attempt ended", task_id=task_id, node=lease.node, outcome=outcome.value,
-                    error=message, requeue=decision.requeue)
+        log.warning(
+            "attempt ended",
+            task_id=task_id,
+            node=lease.node,
+            outcome=outcome.value,
+            error=message,
+            requeue=decision.requeue,
+        )
         if decision.requeue:
             self.store.transition(
-                task_id, TaskStatus.PENDING, node=None, node_job_id=None, stage="queued",
-                progress=0.0, message=f"queued again after: {message}", attempts=attempts,
-                attempt_log=attempt_log, updated_at=self.clock())
+                task_id,
+                TaskStatus.PENDING,
+                node=None,
+                node_job_id=None,
+                stage="queued",
+                progress=0.0,
+                message=f"queued again after: {message}",
+                attempts=attempts,
+                attempt_log=attempt_log,
+                updated_at=self.clock(),
+            )
         else:
-            self._finish(task_id, TaskStatus.FAILED, failure_summary(attempt_log),
-                         attempt_log=attempt_log, attempts=attempts)
+            self._finish(
+                task_id,
+                TaskStatus.FAILED,
+                failure_summary(attempt_log),
+                attempt_log=attempt_log,
+                attempts=attempts,
+            )
         if node is not None and outcome is not Outcome.NOT_STARTED:
             self._count_failure(node)
         self._release(task_id)
         if node is not None:
             self._in_background(self._forget_job(node, lease.job_id))
 
-    def _log_entry(self, lease: Lease | None, outcome: str, error: str,
-                   counted: bool) -> dict[str, Any]:
-        return {"node": lease.node if lease else None,
-                "job_id": lease.job_id if lease else None, "outcome": outcome,
-                "error": error, "at": iso(self.clock()), "counted": counted}
+    def _log_entry(
+        self, lease: Lease | None, outcome: str, error: str, counted: bool
+    ) -> dict[str, Any]:
+        return {
+            "node": lease.node if lease else None,
+            "job_id": lease.job_id if lease else None,
+            "outcome": outcome,
+            "error": error,
+            "at": iso(self.clock()),
+            "counted": counted,
+        }
 
     def _count_failure(self, node: NodeRuntime) -> None:
         node.jobs_failed += 1
@@ -477,8 +562,9 @@ class Engine:
             await self.nodes.delete(node.config, job_id)
         except NodeError as exc:
             # The health loop deletes jobs nobody owns, so this is retried later.
-            log.info("could not delete job on node yet", node=node.name, job_id=job_id,
-                     error=exc.message)
+            log.info(
+                "could not delete job on node yet", node=node.name, job_id=job_id, error=exc.message
+            )
 
     def _finish(
         self, task_id: str, status: TaskStatus, error: str | None, **values: Any
@@ -489,14 +575,20 @@ class Engine:
         if task is None:
             return None
         message = {TaskStatus.COMPLETED: "completed", TaskStatus.CANCELLED: "cancelled"}.get(
-            status, error or "failed")
+            status, error or "failed"
+        )
         callback = None
         if task.callback_url:
             body = self.callback_body(replace(task, **values), status, now, error)
             callback = (task.callback_url, body, now)
         done = self.store.transition(
-            task_id, status, callback=callback, completed_at=now, updated_at=now,
-            error_message=error, message=message,
+            task_id,
+            status,
+            callback=callback,
+            completed_at=now,
+            updated_at=now,
+            error_message=error,
+            message=message,
             **{"stage": status.value, **values},
         )
         if done is not None:
@@ -538,8 +630,10 @@ class Engine:
         lease = self.leases.get(task_id)
         values: dict[str, Any] = {}
         if lease is not None:  # logged, so that a retry never reuses this job id
-            values["attempt_log"] = [*task.attempt_log, self._log_entry(
-                lease, "cancelled", "cancelled by user", counted=False)]
+            values["attempt_log"] = [
+                *task.attempt_log,
+                self._log_entry(lease, "cancelled", "cancelled by user", counted=False),
+            ]
         done = self._finish(task_id, TaskStatus.CANCELLED, "cancelled by user", **values)
         if done is None:
             raise TaskStateConflict(f"task {task_id} is already {self._get(task_id).status}")
@@ -560,17 +654,29 @@ class Engine:
         task = self._get(task_id)
         if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
             raise TaskStateConflict(
-                f"only failed or cancelled tasks can be retried; {task_id} is {task.status}")
+                f"only failed or cancelled tasks can be retried; {task_id} is {task.status}"
+            )
         if task.files_expired:
             raise TaskStateConflict(
-                f"the inputs of {task_id} were deleted by retention; submit it again")
+                f"the inputs of {task_id} were deleted by retention; submit it again"
+            )
         now = self.clock()
         marker = self._log_entry(None, "retried", "queued again by user", counted=False)
         updated = self.store.transition(
-            task_id, TaskStatus.PENDING, attempts=0, error_message=None, completed_at=None,
+            task_id,
+            TaskStatus.PENDING,
+            attempts=0,
+            error_message=None,
+            completed_at=None,
             attempt_log=[*task.attempt_log, marker],
-            stage="queued", progress=0.0, message="queued again by user", enqueued_at=now,
-            node=None, node_job_id=None, updated_at=now, expires_at=None,
+            stage="queued",
+            progress=0.0,
+            message="queued again by user",
+            enqueued_at=now,
+            node=None,
+            node_job_id=None,
+            updated_at=now,
+            expires_at=None,
         )
         if updated is None:
             raise TaskStateConflict(f"task {task_id} changed state; try again")

@@ -101,9 +101,7 @@ class NodeClient:
         self._retries = retries
         self._backoff_s = backoff_s
 
-    async def _call(
-        self, machine: MachineConfig, what: str, send: Callable[[], Awaitable[T]]
-    ) -> T:
+    async def _call(self, machine: MachineConfig, what: str, send: Callable[[], Awaitable[T]]) -> T:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((httpx.TransportError, _Transient)),
             stop=stop_after_attempt(self._retries),

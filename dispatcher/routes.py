@@ -37,20 +37,34 @@ _FORM_DOC: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "audio_file": {"type": "string", "format": "binary",
-                                       "description": "the speech (or send it as 'audio')"},
-                        "video_file": {"type": "string", "format": "binary",
-                                       "description": "the face video (or send it as 'video')"},
+                        "audio_file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the speech (or send it as 'audio')",
+                        },
+                        "video_file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the face video (or send it as 'video')",
+                        },
                         "description": {"type": "string"},
-                        "callback_url": {"type": "string",
-                                         "description": "POSTed JSON when the task ends"},
-                        "progress_callbacks": {"type": "boolean",
-                                               "description": "also POST progress updates"},
-                        "task_id": {"type": "string",
-                                    "description": "your own id; a repeat returns the task"},
+                        "callback_url": {
+                            "type": "string",
+                            "description": "POSTed JSON when the task ends",
+                        },
+                        "progress_callbacks": {
+                            "type": "boolean",
+                            "description": "also POST progress updates",
+                        },
+                        "task_id": {
+                            "type": "string",
+                            "description": "your own id; a repeat returns the task",
+                        },
                         "priority": {"type": "integer", "description": "higher starts first"},
-                        "expires_in": {"type": "number",
-                                       "description": "seconds to start within, else failed"},
+                        "expires_in": {
+                            "type": "number",
+                            "description": "seconds to start within, else failed",
+                        },
                         "stall_timeout": {"type": "number"},
                         "task_timeout": {"type": "number"},
                         "max_attempts": {"type": "integer"},
@@ -66,12 +80,14 @@ _FORM_DOC: dict[str, Any] = {
 }
 
 
-def task_view(engine: Engine, task: Task, queue: dict[str, tuple[int, float]] | None = None
-              ) -> dict[str, Any]:
+def task_view(
+    engine: Engine, task: Task, queue: dict[str, tuple[int, float]] | None = None
+) -> dict[str, Any]:
     position, eta = None, None
     if task.status is TaskStatus.PENDING:
         position, eta_ts = (queue if queue is not None else engine.queue_view()).get(
-            task.id, (None, None))
+            task.id, (None, None)
+        )
         eta = iso(eta_ts)
     elif task.status is TaskStatus.PROCESSING:
         eta = iso(engine.running_eta(task))
@@ -119,11 +135,19 @@ async def _create(request: Request, engine: Engine, idempotency_key: str | None)
             return existing
     free = shutil.disk_usage(settings.data_dir).free
     if free < settings.min_free_disk_bytes:
-        raise HTTPException(507, f"the dispatcher's disk is nearly full ({free} bytes free); "
-                                 "try again once old results have expired")
+        raise HTTPException(
+            507,
+            f"the dispatcher's disk is nearly full ({free} bytes free); "
+            "try again once old results have expired",
+        )
     try:
-        task, staging = await receive(settings, request.headers.get("content-type", ""),
-                                      request.stream(), engine.clock(), idempotency_key)
+        task, staging = await receive(
+            settings,
+            request.headers.get("content-type", ""),
+            request.stream(),
+            engine.clock(),
+            idempotency_key,
+        )
     except SubmitError as exc:
         raise HTTPException(exc.status, exc.message) from None
     # Checked again after the upload: a twin request may have been stored meanwhile. From
@@ -138,34 +162,47 @@ async def _create(request: Request, engine: Engine, idempotency_key: str | None)
     return engine.submit(task)
 
 
-@tasks.post("/tasks", openapi_extra=_FORM_DOC,
-            summary="Submit a task (multipart: audio_file + video_file)")
+@tasks.post(
+    "/tasks", openapi_extra=_FORM_DOC, summary="Submit a task (multipart: audio_file + video_file)"
+)
 async def create_task(
-    request: Request, engine: EngineDep,
+    request: Request,
+    engine: EngineDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> dict[str, Any]:
     task = await _create(request, engine, idempotency_key)
     return {**task_view(engine, task), "task_id": task.id, "status": task.status.value}
 
 
-@tasks.post("/tasks/sync", openapi_extra=_FORM_DOC, response_class=FileResponse,
-            summary="Submit and wait: answers with the finished video's bytes")
+@tasks.post(
+    "/tasks/sync",
+    openapi_extra=_FORM_DOC,
+    response_class=FileResponse,
+    summary="Submit and wait: answers with the finished video's bytes",
+)
 async def create_task_sync(
-    request: Request, engine: EngineDep,
+    request: Request,
+    engine: EngineDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> FileResponse:
     task = await _create(request, engine, idempotency_key)
     task = await engine.wait_terminal(task.id, engine.settings.sync_timeout_s)
     headers = {"X-Task-Id": task.id}
     if task.status is TaskStatus.COMPLETED and task.result_path and not task.files_expired:
-        return FileResponse(task.result_path, media_type="video/mp4",
-                            filename=f"{task.id}.mp4", headers=headers)
+        return FileResponse(
+            task.result_path, media_type="video/mp4", filename=f"{task.id}.mp4", headers=headers
+        )
     if not task.status.terminal:
         waited = engine.settings.sync_timeout_s
-        raise HTTPException(504, f"task {task.id} is still {task.status.value} after "
-                                 f"{waited:.0f}s; poll GET /tasks/{task.id}", headers=headers)
-    raise HTTPException(502, f"task {task.id} {task.status.value}: {task.error_message}",
-                        headers=headers)
+        raise HTTPException(
+            504,
+            f"task {task.id} is still {task.status.value} after "
+            f"{waited:.0f}s; poll GET /tasks/{task.id}",
+            headers=headers,
+        )
+    raise HTTPException(
+        502, f"task {task.id} {task.status.value}: {task.error_message}", headers=headers
+    )
 
 
 @tasks.get("/tasks", summary="List tasks, newest first")
@@ -181,8 +218,12 @@ async def list_tasks(
         return _batch(engine, [i for i in ids.split(",") if i])
     found, total = engine.store.page(status, since, limit, offset)
     queue = engine.queue_view()
-    return {"tasks": [task_view(engine, t, queue) for t in found], "total": total,
-            "limit": limit, "offset": offset}
+    return {
+        "tasks": [task_view(engine, t, queue) for t in found],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
 
 
 class BatchQuery(BaseModel):
@@ -208,13 +249,15 @@ async def get_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
     return task_view(engine, _task_or_404(engine, task_id))
 
 
-@tasks.get("/tasks/{task_id}/result", response_class=FileResponse,
-           summary="The finished video")
+@tasks.get("/tasks/{task_id}/result", response_class=FileResponse, summary="The finished video")
 async def get_result(task_id: str, engine: EngineDep) -> FileResponse:
     task = _task_or_404(engine, task_id)
     if task.status is not TaskStatus.COMPLETED:
-        raise HTTPException(409, f"task {task_id} has no result: it is {task.status.value}"
-                                 + (f" ({task.error_message})" if task.error_message else ""))
+        raise HTTPException(
+            409,
+            f"task {task_id} has no result: it is {task.status.value}"
+            + (f" ({task.error_message})" if task.error_message else ""),
+        )
     if task.files_expired or not task.result_path or not Path(task.result_path).is_file():
         raise HTTPException(410, f"the result of task {task_id} was deleted by retention")
     return FileResponse(task.result_path, media_type="video/mp4", filename=f"{task_id}.mp4")
@@ -251,34 +294,39 @@ def machine_view(engine: Engine) -> list[dict[str, Any]]:
     views = []
     for node in engine.fleet.nodes.values():
         report = node.report
-        views.append({
-            "name": node.name,
-            "url": node.config.base_url,
-            "state": node.state_label(now),
-            "health": node.health.value,
-            "enabled": node.config.enabled,
-            "slots_used": in_flight.get(node.name, 0),
-            "slots_total": node.config.max_concurrent,
-            "running_tasks": sorted(running.get(node.name, [])),
-            "last_error": node.last_error,
-            "last_seen_at": iso(node.last_seen_at),
-            "jobs_done": node.jobs_done,
-            "jobs_failed": node.jobs_failed,
-            "speed": round(node.speed, 3) if node.speed is not None else None,
-            "ejected_until": iso(node.ejected_until) if node.ejected_until > now else None,
-            "backend": report.get("backend"),
-            "version": report.get("version"),
-            "gpus": report.get("gpus"),
-        })
+        views.append(
+            {
+                "name": node.name,
+                "url": node.config.base_url,
+                "state": node.state_label(now),
+                "health": node.health.value,
+                "enabled": node.config.enabled,
+                "slots_used": in_flight.get(node.name, 0),
+                "slots_total": node.config.max_concurrent,
+                "running_tasks": sorted(running.get(node.name, [])),
+                "last_error": node.last_error,
+                "last_seen_at": iso(node.last_seen_at),
+                "jobs_done": node.jobs_done,
+                "jobs_failed": node.jobs_failed,
+                "speed": round(node.speed, 3) if node.speed is not None else None,
+                "ejected_until": iso(node.ejected_until) if node.ejected_until > now else None,
+                "backend": report.get("backend"),
+                "version": report.get("version"),
+                "gpus": report.get("gpus"),
+            }
+        )
     return views
 
 
 @fleet.get("/machines", summary="Every node: health, slots, running tasks, speed")
 async def machines(engine: EngineDep) -> dict[str, Any]:
-    return {"machines": machine_view(engine), "config_path": str(engine.settings.machines),
-            "config_error": engine.fleet.config_error or None,
-            "config_loaded_at": iso(engine.fleet.config_loaded_at),
-            "policy": engine.settings.policy.value}
+    return {
+        "machines": machine_view(engine),
+        "config_path": str(engine.settings.machines),
+        "config_error": engine.fleet.config_error or None,
+        "config_loaded_at": iso(engine.fleet.config_loaded_at),
+        "policy": engine.settings.policy.value,
+    }
 
 
 @fleet.post("/machines/reload", summary="Read machines.json now")
@@ -292,10 +340,15 @@ async def health(engine: EngineDep) -> dict[str, Any]:
     now = engine.clock()
     accepting = [n.name for n in engine.fleet.nodes.values() if n.accepting(now)]
     counts = engine.store.counts()
-    return {"status": "ok" if accepting else "degraded", "version": __version__,
-            "nodes_accepting": len(accepting), "nodes_total": len(engine.fleet.nodes),
-            "queued": counts.get("pending", 0), "processing": counts.get("processing", 0),
-            "config_error": engine.fleet.config_error or None}
+    return {
+        "status": "ok" if accepting else "degraded",
+        "version": __version__,
+        "nodes_accepting": len(accepting),
+        "nodes_total": len(engine.fleet.nodes),
+        "queued": counts.get("pending", 0),
+        "processing": counts.get("processing", 0),
+        "config_error": engine.fleet.config_error or None,
+    }
 
 
 @fleet.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
@@ -304,9 +357,13 @@ async def metrics(engine: EngineDep) -> str:
     in_flight = engine.in_flight()
     lines = ["# TYPE heygem_tasks gauge"]
     lines += [f'heygem_tasks{{status="{s.value}"}} {counts.get(s.value, 0)}' for s in TaskStatus]
-    lines += ["# TYPE heygem_node_slots_used gauge", "# TYPE heygem_node_slots_total gauge",
-              "# TYPE heygem_node_up gauge", "# TYPE heygem_node_jobs_done counter",
-              "# TYPE heygem_node_jobs_failed counter"]
+    lines += [
+        "# TYPE heygem_node_slots_used gauge",
+        "# TYPE heygem_node_slots_total gauge",
+        "# TYPE heygem_node_up gauge",
+        "# TYPE heygem_node_jobs_done counter",
+        "# TYPE heygem_node_jobs_failed counter",
+    ]
     now = engine.clock()
     for node in engine.fleet.nodes.values():
         label = f'{{node="{node.name}"}}'

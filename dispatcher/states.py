@@ -1,10 +1,10 @@
 """Task states and the one place that allows or refuses a change of state.
 
-    pending ──▶ processing ──▶ completed
-       │  ▲          │    └──▶ failed ──┐
-       │  └──────────┘ (node failed,    │ retry (explicit)
-       │     attempts left)             ▼
-       └──────────────▶ cancelled ──▶ pending
+pending ──▶ processing ──▶ completed
+   │  ▲          │    └──▶ failed ──┐
+   │  └──────────┘ (node failed,    │ retry (explicit)
+   │     attempts left)             ▼
+   └──────────────▶ cancelled ──▶ pending
 """
 
 from __future__ import annotations

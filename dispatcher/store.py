@@ -197,23 +197,21 @@ class TaskStore:
         return {t.id: t for t in map(_from_row, rows)}
 
     def by_idempotency_key(self, key: str) -> Task | None:
-        row = self._db.execute(
-            "SELECT * FROM tasks WHERE idempotency_key = ?", (key,)
-        ).fetchone()
+        row = self._db.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
         return _from_row(row) if row else None
 
     def queued(self) -> list[Task]:
         """Pending tasks in the order they start: higher priority first, then FIFO."""
         rows = self._db.execute(
-            "SELECT * FROM tasks WHERE status = 'pending'"
-            " ORDER BY priority DESC, enqueued_at, seq"
+            "SELECT * FROM tasks WHERE status = 'pending' ORDER BY priority DESC, enqueued_at, seq"
         )
         return [_from_row(r) for r in rows]
 
     def queue_fingerprint(self) -> tuple[int, float | None]:
         """Changes whenever a task joins, leaves or moves in the queue."""
         count, newest = self._db.execute(
-            "SELECT COUNT(*), MAX(updated_at) FROM tasks WHERE status = 'pending'").fetchone()
+            "SELECT COUNT(*), MAX(updated_at) FROM tasks WHERE status = 'pending'"
+        ).fetchone()
         return count, newest
 
     def with_status(self, status: TaskStatus) -> list[Task]:

@@ -123,9 +123,13 @@ async def receive(
     staging = settings.uploads_dir / f".incoming-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:
-        form = await spool_form(content_type, body, staging,
-                                file_fields=frozenset(AUDIO_FIELDS + VIDEO_FIELDS),
-                                max_bytes=settings.max_upload_bytes)
+        form = await spool_form(
+            content_type,
+            body,
+            staging,
+            file_fields=frozenset(AUDIO_FIELDS + VIDEO_FIELDS),
+            max_bytes=settings.max_upload_bytes,
+        )
         task = await _build_task(settings, form, now, idempotency_key)
     except FormError as exc:
         shutil.rmtree(staging, ignore_errors=True)

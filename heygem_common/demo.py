@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -30,7 +31,8 @@ def start_fleet(machines: Path, workdir: Path, port: int, pace: float) -> list[S
     env = {"HEYGEM_NODE_FFMPEG_READRATE": str(pace)}
     services = [
         node_service(workdir, m["name"], m["port"], m["max_concurrent"], env=env).start()
-        for m in config if m.get("enabled", True)
+        for m in config
+        if m.get("enabled", True)
     ]
     services.append(dispatcher_service(workdir, machines, port).start())
     return services
@@ -40,8 +42,12 @@ def submit(url: str, audio: Path, video: Path, n: int) -> list[str]:
     ids = []
     for i in range(n):
         with audio.open("rb") as a, video.open("rb") as v:
-            response = httpx.post(f"{url}/tasks", files={"audio_file": a, "video_file": v},
-                                  data={"description": f"demo {i + 1}"}, timeout=60)
+            response = httpx.post(
+                f"{url}/tasks",
+                files={"audio_file": a, "video_file": v},
+                data={"description": f"demo {i + 1}"},
+                timeout=60,
+            )
         response.raise_for_status()
         ids.append(response.json()["task_id"])
     return ids
@@ -50,8 +56,11 @@ def submit(url: str, audio: Path, video: Path, n: int) -> list[str]:
 def follow(url: str, ids: list[str]) -> list[dict]:
     while True:
         tasks = httpx.post(f"{url}/tasks/batch", json={"task_ids": ids}).json()["tasks"]
-        line = "  ".join(f"{t['description']}: {t['status']} {t['progress']:.0f}%"
-                         + (f" on {t['node']}" if t["node"] else "") for t in tasks)
+        line = "  ".join(
+            f"{t['description']}: {t['status']} {t['progress']:.0f}%"
+            + (f" on {t['node']}" if t["node"] else "")
+            for t in tasks
+        )
         print("\r" + line, end="", flush=True)
         if all(t["status"] in ("completed", "failed", "cancelled") for t in tasks):
             print()
@@ -70,12 +79,17 @@ def save_results(url: str, tasks: list[dict], out_dir: Path, audio_s: float) -> 
         path = out_dir / f"{task['task_id']}.mp4"
         path.write_bytes(httpx.get(f"{url}{task['result_url']}", timeout=60).content)
         info = probe(path)
-        good = info.video_streams == 1 and info.audio_streams == 1 and \
-            abs(info.duration_s - audio_s) <= 0.2
+        good = (
+            info.video_streams == 1
+            and info.audio_streams == 1
+            and abs(info.duration_s - audio_s) <= 0.2
+        )
         ok &= good
-        print(f"  {path}: {info.duration_s:.2f}s (audio {audio_s:.2f}s), "
-              f"{info.video_streams} video + {info.audio_streams} audio stream "
-              f"[{'ok' if good else 'WRONG'}] on {task['node']}")
+        print(
+            f"  {path}: {info.duration_s:.2f}s (audio {audio_s:.2f}s), "
+            f"{info.video_streams} video + {info.audio_streams} audio stream "
+            f"[{'ok' if good else 'WRONG'}] on {task['node']}"
+        )
     return ok
 
 
@@ -85,10 +99,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--machines", type=Path, default=ROOT / "config/machines.json")
     p.add_argument("--port", type=int, default=8101, help="the dispatcher's port")
     p.add_argument("--keep", action="store_true", help="leave the fleet running")
-    p.add_argument("--pace", type=float, default=2.0,
-                   help="media seconds a node renders per second (0: as fast as it can)")
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=2.0,
+        help="media seconds a node renders per second (0: as fast as it can)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "output")
     args = p.parse_args(argv)
+    # SIGTERM ends the demo like Ctrl-C does: through the finally that stops the fleet.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     audio, video = ROOT / "samples/input/audio.mp3", ROOT / "samples/input/video.mp4"
     workdir = Path(tempfile.mkdtemp(prefix="heygem-demo-"))
     print(f"starting the fleet from {args.machines} (logs in {workdir})")

@@ -42,8 +42,9 @@ class Service:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         # The child keeps its own copy of the descriptor; ours is closed at once.
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.wait_ready(ready_path, timeout_s)
         return self
 
@@ -51,8 +52,10 @@ class Service:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
-                                   f"see {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}; "
+                    f"see {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(self.url + path, timeout=1.0).status_code < 500:
                     return
@@ -87,23 +90,60 @@ class Service:
                 self.process.wait(10)
 
 
-def node_service(workdir: Path, name: str, port: int | None = None, max_concurrent: int = 1,
-                 backend: str = "ffmpeg", extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> Service:
+def node_service(
+    workdir: Path,
+    name: str,
+    port: int | None = None,
+    max_concurrent: int = 1,
+    backend: str = "ffmpeg",
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Service:
     port = port or free_port()
-    argv = [sys.executable, "-m", "node_agent", "--host", "127.0.0.1", "--port", str(port),
-            "--backend", backend, "--max-concurrent", str(max_concurrent),
-            "--data-dir", str(workdir / name), "--name", name, *(extra or [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "node_agent",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend",
+        backend,
+        "--max-concurrent",
+        str(max_concurrent),
+        "--data-dir",
+        str(workdir / name),
+        "--name",
+        name,
+        *(extra or []),
+    ]
     return Service(name, argv, port, workdir / f"{name}.log", env or {})
 
 
-def dispatcher_service(workdir: Path, machines: Path, port: int | None = None,
-                       extra: list[str] | None = None, env: dict[str, str] | None = None,
-                       data_dir: Path | None = None) -> Service:
+def dispatcher_service(
+    workdir: Path,
+    machines: Path,
+    port: int | None = None,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    data_dir: Path | None = None,
+) -> Service:
     port = port or free_port()
-    argv = [sys.executable, "-m", "dispatcher", "--host", "127.0.0.1", "--port", str(port),
-            "--machines", str(machines), "--data-dir", str(data_dir or workdir / "dispatcher"),
-            *(extra or [])]
+    argv = [
+        sys.executable,
+        "-m",
+        "dispatcher",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--machines",
+        str(machines),
+        "--data-dir",
+        str(data_dir or workdir / "dispatcher"),
+        *(extra or []),
+    ]
     return Service("dispatcher", argv, port, workdir / "dispatcher.log", env or {})
 
 
@@ -115,5 +155,10 @@ def write_machines(path: Path, nodes: list[dict[str, Any]]) -> None:
 
 
 def machine_entry(service: Service, max_concurrent: int, enabled: bool = True) -> dict[str, Any]:
-    return {"name": service.name, "host": "127.0.0.1", "port": service.port,
-            "max_concurrent": max_concurrent, "enabled": enabled}
+    return {
+        "name": service.name,
+        "host": "127.0.0.1",
+        "port": service.port,
+        "max_concurrent": max_concurrent,
+        "enabled": enabled,
+    }

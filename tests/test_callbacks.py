@@ -37,11 +37,20 @@ def clock() -> Clock:
 def engine(tmp_path: Path, clock: Clock) -> Engine:
     settings = DispatcherSettings(data_dir=tmp_path, callback_max_attempts=3)
     store = TaskStore(settings.db_path)
-    engine = Engine(settings, store, Fleet(clock=clock), NodeClient(httpx.AsyncClient()),
-                    clock=clock)
-    task = Task(id="t1", status=TaskStatus.PENDING, audio_path="a", video_path="v",
-                max_attempts=3, created_at=1.0, enqueued_at=1.0, updated_at=1.0,
-                callback_url=HOOK)
+    engine = Engine(
+        settings, store, Fleet(clock=clock), NodeClient(httpx.AsyncClient()), clock=clock
+    )
+    task = Task(
+        id="t1",
+        status=TaskStatus.PENDING,
+        audio_path="a",
+        video_path="v",
+        max_attempts=3,
+        created_at=1.0,
+        enqueued_at=1.0,
+        updated_at=1.0,
+        callback_url=HOOK,
+    )
     store.insert(task)
     engine._finish("t1", TaskStatus.FAILED, "broke")  # queues the terminal callback
     return engine
@@ -54,8 +63,9 @@ def test_backoff(attempt: int, wait: float) -> None:
 
 @respx.mock
 async def test_a_failing_receiver_gets_the_callback_later(engine: Engine, clock: Clock) -> None:
-    route = respx.post(HOOK).mock(side_effect=[httpx.Response(503), httpx.ConnectError("down"),
-                                               httpx.Response(200)])
+    route = respx.post(HOOK).mock(
+        side_effect=[httpx.Response(503), httpx.ConnectError("down"), httpx.Response(200)]
+    )
     async with httpx.AsyncClient() as client:
         await deliver_due_callbacks(engine, client)
         assert engine.store.callbacks_for("t1")[0]["last_error"] == "HTTP 503"
@@ -73,8 +83,7 @@ async def test_a_failing_receiver_gets_the_callback_later(engine: Engine, clock:
 
 
 @respx.mock
-async def test_a_receiver_that_never_answers_is_given_up_on(engine: Engine,
-                                                            clock: Clock) -> None:
+async def test_a_receiver_that_never_answers_is_given_up_on(engine: Engine, clock: Clock) -> None:
     respx.post(HOOK).mock(side_effect=httpx.ReadTimeout("slow"))
     async with httpx.AsyncClient() as client:
         for _ in range(5):

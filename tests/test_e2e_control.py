@@ -55,8 +55,9 @@ def test_same_task_id_or_idempotency_key_returns_the_first_task(one_slot: Fleet)
     assert again.json()["description"] == "first"
 
     with open(__file__, "rb") as junk:  # a new key is a real submit, validated as any other
-        keyed = httpx.post(f"{url}/tasks", headers={"Idempotency-Key": "k1"},
-                           files={"audio_file": junk})
+        keyed = httpx.post(
+            f"{url}/tasks", headers={"Idempotency-Key": "k1"}, files={"audio_file": junk}
+        )
     assert keyed.status_code == 400  # unknown key: a real (bad) submit
     a = submit_with_key(url, "k2")
     b = submit_with_key(url, "k2")
@@ -69,8 +70,12 @@ def submit_with_key(url: str, key: str) -> httpx.Response:
     from tests.conftest import AUDIO, VIDEO
 
     with AUDIO.open("rb") as audio, VIDEO.open("rb") as video:
-        return httpx.post(f"{url}/tasks", headers={"Idempotency-Key": key},
-                          files={"audio_file": audio, "video_file": video}, timeout=30)
+        return httpx.post(
+            f"{url}/tasks",
+            headers={"Idempotency-Key": key},
+            files={"audio_file": audio, "video_file": video},
+            timeout=30,
+        )
 
 
 def test_a_task_not_started_in_time_expires(one_slot: Fleet) -> None:
@@ -94,8 +99,9 @@ def test_listing_filters_and_batch_status(one_slot: Fleet) -> None:
     listed = httpx.get(f"{url}/tasks", params={"status": "completed", "limit": 2}).json()
     assert listed["total"] == 3 and len(listed["tasks"]) == 2
     assert [t["task_id"] for t in listed["tasks"]] == ids[::-1][:2]  # newest first
-    page2 = httpx.get(f"{url}/tasks", params={"status": "completed", "limit": 2,
-                                             "offset": 2}).json()
+    page2 = httpx.get(
+        f"{url}/tasks", params={"status": "completed", "limit": 2, "offset": 2}
+    ).json()
     assert [t["task_id"] for t in page2["tasks"]] == [ids[0]]
     assert httpx.get(f"{url}/tasks", params={"status": "failed"}).json()["total"] == 0
     assert httpx.get(f"{url}/tasks", params={"status": "bogus"}).status_code == 422
@@ -128,8 +134,11 @@ def test_progress_reaches_status_and_optional_progress_callbacks(
     seen = wait_for(lambda: task_status(url, task_id)["progress"] > 0, 20, "progress > 0")
     assert seen
     wait_terminal(url, [task_id], 30)
-    wait_for(lambda: any(c["status"] == "completed" for c in callbacks.for_task(task_id)), 10,
-             "the terminal callback")
+    wait_for(
+        lambda: any(c["status"] == "completed" for c in callbacks.for_task(task_id)),
+        10,
+        "the terminal callback",
+    )
     received = callbacks.for_task(task_id)
     progress = [c["progress"] for c in received if c["status"] == "processing"]
     assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] <= 100

@@ -37,11 +37,15 @@ def test_machines_json_edits_apply_while_tasks_run(make_fleet: Callable[[], Flee
     fleet.nodes["new"] = newcomer
     edited = time.monotonic()
     fleet.write_machines(enabled={"old": False})
-    wait_for(lambda: machines(fleet).get("new", {}).get("state") == "healthy", 5,
-             "the new node to be known and healthy")
+    wait_for(
+        lambda: machines(fleet).get("new", {}).get("state") == "healthy",
+        5,
+        "the new node to be known and healthy",
+    )
     later = [submit(fleet.url, description=f"after {i}").json()["task_id"] for i in range(3)]
-    wait_for(lambda: task_status(fleet.url, later[0])["node"] == "new", 5,
-             "the new node to receive work")
+    wait_for(
+        lambda: task_status(fleet.url, later[0])["node"] == "new", 5, "the new node to receive work"
+    )
     assert time.monotonic() - edited < 5.0
     assert machines(fleet)["old"]["state"] == "disabled"
 
@@ -52,8 +56,9 @@ def test_machines_json_edits_apply_while_tasks_run(make_fleet: Callable[[], Flee
 
     # A broken edit is refused whole: the fleet stays, the error is shown.
     fleet.machines.write_text('{"machines": [{"name": "new", "host": ')
-    wait_for(lambda: httpx.get(f"{fleet.url}/machines").json()["config_error"], 5,
-             "the error to show")
+    wait_for(
+        lambda: httpx.get(f"{fleet.url}/machines").json()["config_error"], 5, "the error to show"
+    )
     body = httpx.get(f"{fleet.url}/machines").json()
     assert "not valid JSON" in body["config_error"]
     assert set(machines(fleet)) == {"old", "new"}
@@ -71,14 +76,20 @@ def test_a_node_failing_its_probe_gets_no_work_until_it_recovers(
     fleet.add_node("fine", 1)
     fleet.write_machines()
     fleet.start_dispatcher()
-    wait_for(lambda: all(m["health"] == "healthy" for m in machines(fleet).values()), 10,
-             "both nodes healthy")
+    wait_for(
+        lambda: all(m["health"] == "healthy" for m in machines(fleet).values()),
+        10,
+        "both nodes healthy",
+    )
 
     assert sick.process is not None
     os.kill(sick.process.pid, signal.SIGSTOP)  # alive but answering nothing
     try:
-        wait_for(lambda: machines(fleet)["sick"]["health"] == "unhealthy", 10,
-                 "the frozen node to be marked unhealthy")
+        wait_for(
+            lambda: machines(fleet)["sick"]["health"] == "unhealthy",
+            10,
+            "the frozen node to be marked unhealthy",
+        )
         ids = [submit(fleet.url, description=f"t{i}").json()["task_id"] for i in range(3)]
         tasks = wait_terminal(fleet.url, ids, 60)
         assert [t["node"] for t in tasks] == ["fine"] * 3

@@ -34,7 +34,9 @@ def node_jobs(fleet: Fleet, name: str) -> dict[str, str]:
 
 
 def test_dispatcher_sigkill_mid_flight_loses_nothing(
-    make_fleet: Callable[[], Fleet], callbacks: CallbackReceiver, tmp_path: Path,
+    make_fleet: Callable[[], Fleet],
+    callbacks: CallbackReceiver,
+    tmp_path: Path,
     audio_seconds: float,
 ) -> None:
     fleet = make_fleet()
@@ -42,8 +44,10 @@ def test_dispatcher_sigkill_mid_flight_loses_nothing(
     fleet.add_node("node-b", 2, env=paced_env(3.0))
     fleet.write_machines()
     fleet.start_dispatcher()
-    ids = [submit(fleet.url, description=f"t{i}", callback_url=callbacks.url).json()["task_id"]
-           for i in range(10)]
+    ids = [
+        submit(fleet.url, description=f"t{i}", callback_url=callbacks.url).json()["task_id"]
+        for i in range(10)
+    ]
 
     def mixed() -> bool:
         statuses = [task_status(fleet.url, i)["status"] for i in ids]
@@ -65,8 +69,11 @@ def test_dispatcher_sigkill_mid_flight_loses_nothing(
     done = sum(httpx.get(f"{n.url}/health").json()["jobs_done"] for n in fleet.nodes.values())
     assert done == 10
     # ... and no node keeps a job nobody owns.
-    wait_for(lambda: not node_jobs(fleet, "node-a") and not node_jobs(fleet, "node-b"), 10,
-             "nodes to have no jobs left")
+    wait_for(
+        lambda: not node_jobs(fleet, "node-a") and not node_jobs(fleet, "node-b"),
+        10,
+        "nodes to have no jobs left",
+    )
 
 
 def test_node_sigkill_mid_job_moves_its_task(
@@ -107,14 +114,19 @@ def test_hung_backend_is_abandoned_after_the_stall_timeout(
 ) -> None:
     fleet = make_fleet()
     hang = f"{sys.executable} {ROOT / 'tests/scripts/hang_model.py'} {{output}}"
-    fleet.add_node("hangs", 1, backend="command",
-                   extra=["--command", hang, "--command-progress-regex", r"progress: (\d+)%"])
+    fleet.add_node(
+        "hangs",
+        1,
+        backend="command",
+        extra=["--command", hang, "--command-progress-regex", r"progress: (\d+)%"],
+    )
     fleet.add_node("works", 1)
     fleet.write_machines()
     fleet.start_dispatcher()
     # Two tasks: one lands on each node; the one on "hangs" sticks at 20 %.
-    ids = [submit(fleet.url, description=f"t{i}", stall_timeout=2).json()["task_id"]
-           for i in range(2)]
+    ids = [
+        submit(fleet.url, description=f"t{i}", stall_timeout=2).json()["task_id"] for i in range(2)
+    ]
 
     tasks = {t["task_id"]: t for t in wait_terminal(fleet.url, ids, timeout_s=60)}
     assert all(t["status"] == "completed" for t in tasks.values()), tasks
@@ -142,8 +154,11 @@ def test_cancel_frees_the_slot_within_a_second(
     response = httpx.delete(f"{fleet.url}/tasks/{first}")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
-    wait_for(lambda: task_status(fleet.url, second)["status"] == "processing", 1.0,
-             "the queued task to take the freed slot")
+    wait_for(
+        lambda: task_status(fleet.url, second)["status"] == "processing",
+        1.0,
+        "the queued task to take the freed slot",
+    )
     assert time.monotonic() - started < 1.0
     assert f"{first}.1" not in node_jobs(fleet, "only")
     wait_for(lambda: callbacks.for_task(first), 10, "the cancel callback")

@@ -19,8 +19,12 @@ from dispatcher.fleet import (
     probe_result,
 )
 
-GOOD = {"machines": [{"name": "a", "host": "10.0.0.1", "port": 8000, "max_concurrent": 2,
-                      "enabled": True}, {"name": "b", "host": "h", "port": 8001}]}
+GOOD = {
+    "machines": [
+        {"name": "a", "host": "10.0.0.1", "port": 8000, "max_concurrent": 2, "enabled": True},
+        {"name": "b", "host": "h", "port": 8001},
+    ]
+}
 
 
 def test_parse_the_seed_schema() -> None:
@@ -37,12 +41,19 @@ def test_parse_the_seed_schema() -> None:
         ('{"machines": {}}', "machines: Input should be a valid list"),
         ('{"machines": [{"name": "a", "host": "h"}]}', "machines.0.port: Field required"),
         ('{"machines": [{"name": "a", "host": "h", "port": 70000}]}', "machines.0.port"),
-        ('{"machines": [{"name": "a", "host": "h", "port": 1, "max_concurrent": 0}]}',
-         "machines.0.max_concurrent"),
-        ('{"machines": [{"name": "a", "host": "h", "port": 1},'
-         ' {"name": "a", "host": "g", "port": 2}]}', "repeated: a"),
-        ('{"machines": [{"name": "a", "host": "h", "port": 1, "scheme": "ftp"}]}',
-         "scheme must be http or https"),
+        (
+            '{"machines": [{"name": "a", "host": "h", "port": 1, "max_concurrent": 0}]}',
+            "machines.0.max_concurrent",
+        ),
+        (
+            '{"machines": [{"name": "a", "host": "h", "port": 1},'
+            ' {"name": "a", "host": "g", "port": 2}]}',
+            "repeated: a",
+        ),
+        (
+            '{"machines": [{"name": "a", "host": "h", "port": 1, "scheme": "ftp"}]}',
+            "scheme must be http or https",
+        ),
     ],
 )
 def test_bad_files_say_what_to_fix(text: str, words: str) -> None:
@@ -58,8 +69,10 @@ def test_a_broken_file_keeps_the_last_good_fleet(tmp_path: Path) -> None:
     path.write_text('{"machines": [')
     assert not fleet.load_file(path)
     assert sorted(fleet.nodes) == ["a", "b"]
-    assert "not valid JSON" in fleet.config_error and "keeping the last good fleet" in \
-        fleet.config_error
+    assert (
+        "not valid JSON" in fleet.config_error
+        and "keeping the last good fleet" in fleet.config_error
+    )
 
 
 def test_removed_nodes_drain_and_disabled_nodes_take_nothing() -> None:
@@ -93,10 +106,13 @@ def _node(health: Health, failures: int = 0, successes: int = 0) -> NodeRuntime:
         (Health.UNKNOWN, 1, 0, False, Health.UNHEALTHY),
     ],
 )
-def test_probe_thresholds(health: Health, failures: int, successes: int, ok: bool,
-                          expected: Health) -> None:
-    assert probe_result(_node(health, failures, successes), ok, unhealthy_after=2,
-                        healthy_after=2) is expected
+def test_probe_thresholds(
+    health: Health, failures: int, successes: int, ok: bool, expected: Health
+) -> None:
+    assert (
+        probe_result(_node(health, failures, successes), ok, unhealthy_after=2, healthy_after=2)
+        is expected
+    )
 
 
 @pytest.mark.parametrize(("n", "seconds"), [(1, 30), (2, 60), (3, 120), (10, 3600)])

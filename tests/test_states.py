@@ -14,18 +14,37 @@ from dispatcher.states import (
     sources_of,
 )
 
-P, R, C, F, X = (TaskStatus.PENDING, TaskStatus.PROCESSING, TaskStatus.COMPLETED,
-                 TaskStatus.FAILED, TaskStatus.CANCELLED)
+P, R, C, F, X = (
+    TaskStatus.PENDING,
+    TaskStatus.PROCESSING,
+    TaskStatus.COMPLETED,
+    TaskStatus.FAILED,
+    TaskStatus.CANCELLED,
+)
 
 
 @pytest.mark.parametrize(
     ("old", "new", "allowed"),
     [
-        (P, R, True), (P, X, True), (P, F, True), (P, C, False), (P, P, False),
-        (R, P, True), (R, C, True), (R, F, True), (R, X, True), (R, R, False),
-        (C, P, False), (C, F, False), (C, X, False),
-        (F, P, True), (F, R, False), (F, C, False),
-        (X, P, True), (X, R, False), (X, C, False),
+        (P, R, True),
+        (P, X, True),
+        (P, F, True),
+        (P, C, False),
+        (P, P, False),
+        (R, P, True),
+        (R, C, True),
+        (R, F, True),
+        (R, X, True),
+        (R, R, False),
+        (C, P, False),
+        (C, F, False),
+        (C, X, False),
+        (F, P, True),
+        (F, R, False),
+        (F, C, False),
+        (X, P, True),
+        (X, R, False),
+        (X, C, False),
     ],
 )
 def test_transitions(old: TaskStatus, new: TaskStatus, allowed: bool) -> None:
@@ -51,8 +70,9 @@ def test_terminal_states_are_final_except_retry() -> None:
         (Outcome.NOT_STARTED, 1, 1, RetryDecision(requeue=True, count_attempt=False)),
     ],
 )
-def test_decide_retry(outcome: Outcome, attempts: int, max_attempts: int,
-                      expected: RetryDecision) -> None:
+def test_decide_retry(
+    outcome: Outcome, attempts: int, max_attempts: int, expected: RetryDecision
+) -> None:
     assert decide_retry(outcome, attempts, max_attempts) == expected
 
 

@@ -11,9 +11,18 @@ from dispatcher.store import Task, TaskStore
 
 
 def make_task(task_id: str, priority: int = 0, at: float = 1.0) -> Task:
-    return Task(id=task_id, status=TaskStatus.PENDING, audio_path="a", video_path="v",
-                max_attempts=3, created_at=at, enqueued_at=at, updated_at=at,
-                priority=priority, options={"pn": 1})
+    return Task(
+        id=task_id,
+        status=TaskStatus.PENDING,
+        audio_path="a",
+        video_path="v",
+        max_attempts=3,
+        created_at=at,
+        enqueued_at=at,
+        updated_at=at,
+        priority=priority,
+        options={"pn": 1},
+    )
 
 
 @pytest.fixture
@@ -25,8 +34,9 @@ def test_a_task_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "tasks.sqlite3"
     first = TaskStore(path)
     first.insert(make_task("t1"))
-    first.transition("t1", TaskStatus.PROCESSING, node="a", node_job_id="t1.1",
-                     attempt_log=[{"node": "x"}])
+    first.transition(
+        "t1", TaskStatus.PROCESSING, node="a", node_job_id="t1.1", attempt_log=[{"node": "x"}]
+    )
     first.close()
     again = TaskStore(path).get("t1")
     assert again is not None
@@ -46,8 +56,9 @@ def test_transition_refuses_what_the_state_machine_refuses(store: TaskStore) -> 
     store.insert(make_task("t"))
     assert store.transition("t", TaskStatus.COMPLETED) is None  # pending cannot complete
     assert store.transition("t", TaskStatus.PROCESSING) is not None
-    done = store.transition("t", TaskStatus.COMPLETED, callback=("http://x/hook",
-                                                                 {"task_id": "t"}, 5.0))
+    done = store.transition(
+        "t", TaskStatus.COMPLETED, callback=("http://x/hook", {"task_id": "t"}, 5.0)
+    )
     assert done is not None and done.status is TaskStatus.COMPLETED
     # Terminal: a second ending (a late cancel) changes nothing and queues no callback.
     assert store.transition("t", TaskStatus.CANCELLED, callback=("http://x", {}, 5.0)) is None
