@@ -49,6 +49,9 @@ class FakeNode:
     max_concurrent: int
 
 
+# The "hinted" scenario starts from operator hints this far off: 25 % high, 25 % low, ...
+HINT_ERROR = (1.25, 0.75)
+
 FLEET = (
     FakeNode("gpu-1x-a", 1.0, 2),
     FakeNode("gpu-1x-b", 1.0, 1),
@@ -240,7 +243,8 @@ LEGEND = """\
 bound: total work / total capacity (for 'arrivals': the largest arrival + work from then on /
 capacity); ratio = makespan / bound (target for speed_aware: <= 1.10). turnaround: mean
 seconds from arrival to done. eta@submit: mean absolute % error of estimate_etas taken when
-the task arrives ('burst': at t=0, before any speed is learned; 'warm': a second burst
+the task arrives ('burst': at t=0, before any speed is learned; 'hinted': the same burst
+with machines.json speed hints 25 % off the truth; 'warm': a second burst
 starting with the speeds learned in 'burst'); eta@resample: every queued task re-estimated
 every SAMPLE s of virtual time (target: < 15 %). With --repeat, every column is the mean
 over the seeds."""
@@ -296,6 +300,7 @@ def scenarios(seed: int, args: argparse.Namespace) -> list[tuple[str, list[Task]
     gap = mean_media / (capacity(FLEET) * args.load)
     return [
         ("burst", make_tasks(random.Random(seed), args.tasks, 0.0, args.noise)),
+        ("hinted", make_tasks(random.Random(seed), args.tasks, 0.0, args.noise)),
         ("warm", make_tasks(random.Random(seed + 1), args.tasks, 0.0, args.noise)),
         ("arrivals", make_tasks(random.Random(seed + 2), args.tasks, gap, args.noise)),
     ]
@@ -309,6 +314,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[tuple[str, Policy], Fi
         for policy in POLICIES:
             sim = FleetSim(FLEET, tasks, policy, args.sample_every)
             sim.learned = list(learned.get(policy, [])) if name == "warm" else []
+            if name == "hinted":  # machines.json "speed" hints, each 25 % off the truth
+                sim.learned = [n.true_speed * HINT_ERROR[i % 2] for i, n in enumerate(FLEET)]
             out[name, policy] = figures(sim.run(), lower_bound(tasks, FLEET))
             learned[policy] = sim.learned
     return out
