@@ -41,6 +41,7 @@ from dispatcher.node_client import (
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome, TaskStatus, decide_retry
 from dispatcher.store import Task, TaskStore
+from heygem_common.aio import cancel_and_wait
 from heygem_common.media import NotMedia, require_video
 
 log = structlog.get_logger()
@@ -639,9 +640,7 @@ class Engine:
             raise TaskStateConflict(f"task {task_id} is already {self._get(task_id).status}")
         worker = self.workers.pop(task_id, None)
         if worker is not None:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            await cancel_and_wait(worker)
         if lease is not None and lease.node in self.fleet.nodes:
             # The job is gone from the node before the lease is: otherwise the next task
             # could reach the node while it still runs this one, and get a 409.

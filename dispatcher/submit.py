@@ -10,6 +10,7 @@ Field names follow seed 001: ``audio_file`` / ``video_file`` (its async sample) 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import uuid
@@ -182,4 +183,11 @@ async def _build_task(
 
 def place_files(staging: Path, task: Task) -> None:
     """Move the validated upload to the task's folder (same filesystem: a rename)."""
-    staging.rename(Path(task.audio_path).parent)
+    final = Path(task.audio_path).parent
+    staging.rename(final)
+    # The rename itself is durable only once the parent folder is synced.
+    folder = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

@@ -9,6 +9,7 @@ Memory stays flat whatever the upload size.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -133,6 +134,10 @@ class _PartSink:
 
     def on_part_end(self) -> None:
         if self._file is not None and self._handle is not None:
+            # On disk before the task that points at it is stored: a power cut after the
+            # submit was answered must not leave a task with a half-written input.
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
             self._handle.close()
             self._handle = None
             self.form.files[self._file.field] = self._file

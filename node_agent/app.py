@@ -148,6 +148,10 @@ async def job_result(node: State, job_id: str) -> FileResponse:
 @router.delete("/jobs/{job_id}")
 async def delete_job(node: State, job_id: str) -> dict[str, Any]:
     job = _job(node, job_id)
+    if job.state is JobState.RECEIVING:
+        # Its upload still writes into the folder; forgetting it now would free the slot
+        # for a second upload of the same id. The upload ends (or is abandoned) soon.
+        raise HTTPException(409, f"job '{job_id}' is still being received")
     await node.manager.forget(job_id)
     return {**job.public(), "forgotten": True}
 

@@ -11,7 +11,6 @@ with it) and the dispatcher sends the task elsewhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from heygem_common.aio import cancel_and_wait
 from node_agent.backends.base import Backend, BackendBusy, BackendError, JobSpec
 
 log = structlog.get_logger()
@@ -52,6 +52,10 @@ class NoFreeSlot(Exception):
 
 class UnknownJob(KeyError):
     pass
+
+
+class JobExists(Exception):
+    """The id is taken: a second job under it would run beside the first, unseen."""
 
 
 @dataclass
@@ -120,6 +124,8 @@ class JobManager:
     # -- lifecycle --------------------------------------------------------------------
     def reserve(self, job_id: str, options: Mapping[str, Any]) -> Job:
         """Take a slot for a new job; the caller then fills its folder and calls start()."""
+        if job_id in self.jobs:
+            raise JobExists(job_id)
         if self.free_slots == 0 or self.model_busy():
             raise NoFreeSlot(job_id)
         job = Job(job_id, JobState.RECEIVING, self.clock(), options=dict(options))
@@ -202,9 +208,10 @@ class JobManager:
         job = self.get(job_id)
         task = self._tasks.get(job_id)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
+            if job.state.holds_slot:  # cancelled before its first step: _run never ran
+                self._tasks.pop(job_id, None)
+                self._finish(job, JobState.CANCELLED, "cancelled")
         return job
 
     async def forget(self, job_id: str) -> None:
