@@ -11,7 +11,7 @@ import httpx
 import structlog
 from fastapi import FastAPI
 
-from dispatcher import __version__
+from dispatcher import __version__, routes_fleet, routes_tasks
 from dispatcher.background import (
     callbacks_forever,
     cleanup_forever,
@@ -23,8 +23,6 @@ from dispatcher.background import (
 from dispatcher.engine import Engine
 from dispatcher.fleet import Fleet
 from dispatcher.node_client import NodeClient
-from dispatcher.routes import fleet as fleet_routes
-from dispatcher.routes import tasks as task_routes
 from dispatcher.settings import DispatcherSettings
 from dispatcher.store import TaskStore
 
@@ -83,6 +81,6 @@ def create_app(settings: DispatcherSettings) -> FastAPI:
         description="Spreads lip-sync video tasks over a fleet of GPU nodes.",
         lifespan=lifespan,
     )
-    app.include_router(task_routes)
-    app.include_router(fleet_routes)
+    app.include_router(routes_tasks.router)
+    app.include_router(routes_fleet.router)
     return app

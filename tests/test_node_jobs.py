@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,12 +112,14 @@ class ScriptedBackend(Backend):
 
 # -- helpers ---------------------------------------------------------------------------------
 async def until(predicate: Callable[[], object], what: str) -> None:
-    # The scripted backend never sleeps, so a few loop turns always suffice; the bound
-    # turns a hang into a failure that names what never happened.
-    for _ in range(200):
+    # Bounded by wall time, not loop turns: FastAPI runs sync dependencies (the token
+    # check) in a thread, so a loaded machine needs real time. The bound turns a hang into
+    # a failure that names what never happened.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
         if predicate():
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     raise AssertionError(f"never happened: {what}")
 
 

@@ -1,4 +1,4 @@
-"""The public HTTP API. Routes stay thin: parse, call the engine or the store, shape JSON."""
+"""The task routes: submit, follow, fetch, cancel, retry. Thin: parse, call, shape JSON."""
 
 from __future__ import annotations
 
@@ -6,28 +6,17 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from dispatcher import __version__
-from dispatcher.background import reload_machines
+from dispatcher.deps import EngineDep
 from dispatcher.engine import Engine, TaskNotFound, TaskStateConflict, iso
 from dispatcher.states import TaskStatus
 from dispatcher.store import Task
 from dispatcher.submit import SubmitError, place_files, receive
 
-STATIC = Path(__file__).parent / "static"
-
-
-def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
-
-
-EngineDep = Annotated[Engine, Depends(_engine)]
-tasks = APIRouter(tags=["tasks"])
-fleet = APIRouter(tags=["fleet"])
+router = APIRouter(tags=["tasks"])
 
 _FORM_DOC: dict[str, Any] = {
     "requestBody": {
@@ -162,7 +151,7 @@ async def _create(request: Request, engine: Engine, idempotency_key: str | None)
     return engine.submit(task)
 
 
-@tasks.post(
+@router.post(
     "/tasks", openapi_extra=_FORM_DOC, summary="Submit a task (multipart: audio_file + video_file)"
 )
 async def create_task(
@@ -174,7 +163,7 @@ async def create_task(
     return {**task_view(engine, task), "task_id": task.id, "status": task.status.value}
 
 
-@tasks.post(
+@router.post(
     "/tasks/sync",
     openapi_extra=_FORM_DOC,
     response_class=FileResponse,
@@ -205,7 +194,7 @@ async def create_task_sync(
     )
 
 
-@tasks.get("/tasks", summary="List tasks, newest first")
+@router.get("/tasks", summary="List tasks, newest first")
 async def list_tasks(
     engine: EngineDep,
     status: TaskStatus | None = None,
@@ -239,17 +228,17 @@ def _batch(engine: Engine, task_ids: list[str]) -> dict[str, Any]:
     }
 
 
-@tasks.post("/tasks/batch", summary="Status of many tasks at once; unknown ids listed")
+@router.post("/tasks/batch", summary="Status of many tasks at once; unknown ids listed")
 async def batch_status(query: BatchQuery, engine: EngineDep) -> dict[str, Any]:
     return _batch(engine, query.task_ids)
 
 
-@tasks.get("/tasks/{task_id}", summary="Status, progress, queue position and ETA")
+@router.get("/tasks/{task_id}", summary="Status, progress, queue position and ETA")
 async def get_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
     return task_view(engine, _task_or_404(engine, task_id))
 
 
-@tasks.get("/tasks/{task_id}/result", response_class=FileResponse, summary="The finished video")
+@router.get("/tasks/{task_id}/result", response_class=FileResponse, summary="The finished video")
 async def get_result(task_id: str, engine: EngineDep) -> FileResponse:
     task = _task_or_404(engine, task_id)
     if task.status is not TaskStatus.COMPLETED:
@@ -263,7 +252,7 @@ async def get_result(task_id: str, engine: EngineDep) -> FileResponse:
     return FileResponse(task.result_path, media_type="video/mp4", filename=f"{task_id}.mp4")
 
 
-@tasks.delete("/tasks/{task_id}", summary="Cancel a queued or running task")
+@router.delete("/tasks/{task_id}", summary="Cancel a queued or running task")
 async def cancel_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
     try:
         task = await engine.cancel(task_id)
@@ -274,7 +263,7 @@ async def cancel_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
     return task_view(engine, task)
 
 
-@tasks.post("/tasks/{task_id}/retry", summary="Queue a failed or cancelled task again")
+@router.post("/tasks/{task_id}/retry", summary="Queue a failed or cancelled task again")
 async def retry_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
     try:
         task = engine.retry(task_id)
@@ -283,100 +272,3 @@ async def retry_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
     except TaskStateConflict as exc:
         raise HTTPException(409, str(exc)) from None
     return task_view(engine, task)
-
-
-def machine_view(engine: Engine) -> list[dict[str, Any]]:
-    now = engine.clock()
-    in_flight = engine.in_flight()
-    running: dict[str, list[str]] = {}
-    for task_id, lease in engine.leases.items():
-        running.setdefault(lease.node, []).append(task_id)
-    views = []
-    for node in engine.fleet.nodes.values():
-        report = node.report
-        views.append(
-            {
-                "name": node.name,
-                "url": node.config.base_url,
-                "state": node.state_label(now),
-                "health": node.health.value,
-                "enabled": node.config.enabled,
-                "slots_used": in_flight.get(node.name, 0),
-                "slots_total": node.config.max_concurrent,
-                "running_tasks": sorted(running.get(node.name, [])),
-                "last_error": node.last_error,
-                "last_seen_at": iso(node.last_seen_at),
-                "jobs_done": node.jobs_done,
-                "jobs_failed": node.jobs_failed,
-                "speed": round(node.speed, 3) if node.speed is not None else None,
-                "ejected_until": iso(node.ejected_until) if node.ejected_until > now else None,
-                "backend": report.get("backend"),
-                "version": report.get("version"),
-                "gpus": report.get("gpus"),
-            }
-        )
-    return views
-
-
-@fleet.get("/machines", summary="Every node: health, slots, running tasks, speed")
-async def machines(engine: EngineDep) -> dict[str, Any]:
-    return {
-        "machines": machine_view(engine),
-        "config_path": str(engine.settings.machines),
-        "config_error": engine.fleet.config_error or None,
-        "config_loaded_at": iso(engine.fleet.config_loaded_at),
-        "policy": engine.settings.policy.value,
-    }
-
-
-@fleet.post("/machines/reload", summary="Read machines.json now")
-async def reload(engine: EngineDep) -> dict[str, Any]:
-    applied = reload_machines(engine)
-    return {"applied": applied, **(await machines(engine))}
-
-
-@fleet.get("/health", summary="Is the dispatcher up, and can it run work")
-async def health(engine: EngineDep) -> dict[str, Any]:
-    now = engine.clock()
-    accepting = [n.name for n in engine.fleet.nodes.values() if n.accepting(now)]
-    counts = engine.store.counts()
-    return {
-        "status": "ok" if accepting else "degraded",
-        "version": __version__,
-        "nodes_accepting": len(accepting),
-        "nodes_total": len(engine.fleet.nodes),
-        "queued": counts.get("pending", 0),
-        "processing": counts.get("processing", 0),
-        "config_error": engine.fleet.config_error or None,
-    }
-
-
-@fleet.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-async def metrics(engine: EngineDep) -> str:
-    counts = engine.store.counts()
-    in_flight = engine.in_flight()
-    lines = ["# TYPE heygem_tasks gauge"]
-    lines += [f'heygem_tasks{{status="{s.value}"}} {counts.get(s.value, 0)}' for s in TaskStatus]
-    lines += [
-        "# TYPE heygem_node_slots_used gauge",
-        "# TYPE heygem_node_slots_total gauge",
-        "# TYPE heygem_node_up gauge",
-        "# TYPE heygem_node_jobs_done counter",
-        "# TYPE heygem_node_jobs_failed counter",
-    ]
-    now = engine.clock()
-    for node in engine.fleet.nodes.values():
-        label = f'{{node="{node.name}"}}'
-        lines += [
-            f"heygem_node_slots_used{label} {in_flight.get(node.name, 0)}",
-            f"heygem_node_slots_total{label} {node.config.max_concurrent}",
-            f"heygem_node_up{label} {int(node.accepting(now))}",
-            f"heygem_node_jobs_done{label} {node.jobs_done}",
-            f"heygem_node_jobs_failed{label} {node.jobs_failed}",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-@fleet.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def dashboard() -> HTMLResponse:
-    return HTMLResponse((STATIC / "dashboard.html").read_text(encoding="utf-8"))
