@@ -48,7 +48,7 @@ log = structlog.get_logger()
 Sleep = Callable[[float], Awaitable[None]]
 # Sends one progress callback (url, body); failures are the sender's to swallow.
 ProgressNotifier = Callable[[str, dict[str, Any]], Awaitable[None]]
-# Progress callbacks go out when progress moved this many points (or the stage changed).
+# Progress callbacks go out each time progress has moved this many points.
 PROGRESS_CALLBACK_STEP = 10.0
 # After a 409 a node gets no new work for this long, so a full node is not hammered.
 REFUSED_BACKOFF_S = 2.0
@@ -391,6 +391,7 @@ class Engine:
         stall_s = task.stall_timeout_s or self.settings.stall_timeout_s
         limit_s = task.task_timeout_s or self.settings.task_timeout_s
         progress, message = task.progress, task.message
+        reported = progress  # what the last progress callback said
         last_change = self.clock()
         while True:
             info = await self.nodes.job(node.config, lease.job_id)
@@ -401,9 +402,11 @@ class Engine:
             if new_progress > progress:
                 last_change = now
             if (new_progress, new_message) != (progress, message):
-                if new_progress >= progress + PROGRESS_CALLBACK_STEP or new_message != message:
-                    self._send_progress(task, max(progress, new_progress), new_message)
                 progress, message = max(progress, new_progress), new_message
+                # By steps, not every poll: at most ~10 progress callbacks per attempt.
+                if progress >= min(100.0, reported + PROGRESS_CALLBACK_STEP):
+                    self._send_progress(task, progress, message)
+                    reported = progress
                 self.store.update(
                     task_id,
                     progress=progress,

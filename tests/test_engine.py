@@ -869,3 +869,19 @@ async def test_a_slot_freed_by_the_orphan_sweep_is_usable_at_once(make_rig: Make
     rig.submit("t")
     rig.engine.dispatch_ready()
     assert rig.status("t") == [TaskStatus.PROCESSING]
+
+
+async def test_slow_progress_is_called_back_in_steps_not_every_poll(make_rig: MakeRig) -> None:
+    sent: list[float] = []
+
+    async def notify(url: str, body: dict[str, Any]) -> None:
+        sent.append(body["progress"])
+
+    rig = make_rig(notify_progress=notify)
+    rig.add_node("a", 1, default=crawls(step=3.0))  # +3 points a poll, a new message each
+    rig.submit("t", callback_url=HOOK, progress_callbacks=True)
+    rig.engine.dispatch_ready()
+    await rig.steps(40)
+    await rig.engine.cancel("t")
+    assert len(sent) >= 5
+    assert all(later - earlier >= 10 for earlier, later in zip(sent, sent[1:], strict=False))
