@@ -524,6 +524,8 @@ class Engine:
             self._count_failure(node)
         self._release(task_id)
         if node is not None:
+            # Until the DELETE lands, a stalled job still holds its slot on the node.
+            node.assume_running(lease.job_id)
             self._in_background(self._forget_job(node, lease.job_id))
 
     def _log_entry(
@@ -564,6 +566,8 @@ class Engine:
     async def _forget_job(self, node: NodeRuntime, job_id: str) -> None:
         try:
             await self.nodes.delete(node.config, job_id)
+            node.forget_reported(job_id)
+            self.wake.set()
         except NodeError as exc:
             # The health loop deletes jobs nobody owns, so this is retried later.
             log.info(

@@ -122,6 +122,13 @@ class NodeRuntime:
         running = self.report.get("running", [])
         return [str(j) for j in running] if isinstance(running, list) else []
 
+    def assume_running(self, job_id: str) -> None:
+        """A job we gave up on may still run on the node until it is deleted there: count
+        its slot as taken (the next health report replaces this guess with the truth)."""
+        running = self.report.setdefault("running", [])
+        if isinstance(running, list) and job_id not in running:
+            running.append(job_id)
+
     def forget_reported(self, job_id: str) -> None:
         """A job we just ended: do not let the last (older) report count it as running."""
         running = self.report.get("running")

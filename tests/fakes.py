@@ -181,6 +181,8 @@ class FakeNode:
     # Every call raises NodeUnreachable, as if the box were off.
     down: bool = False
     health_status: str = "ready"
+    # Loop turns a DELETE takes to land, like a network round trip (0: at once).
+    delete_latency_turns: int = 0
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     peak_running: int = 0
 
@@ -325,4 +327,6 @@ class FakeNodes:
 
     async def delete(self, machine: MachineConfig, job_id: str) -> None:
         node = self._enter("delete", machine, job_id)
+        for _ in range(node.delete_latency_turns):
+            await asyncio.sleep(0)
         node.jobs.pop(job_id, None)  # 404 is fine: already gone is what we wanted

@@ -330,6 +330,20 @@ async def test_a_job_hanging_at_20_percent_is_stalled_deleted_and_retried_elsewh
     assert 300 < deleted.at - submitted.at <= 300 + 2 * 5.0  # detected within a poll or two
 
 
+async def test_a_stalled_job_holds_its_slot_until_the_node_has_deleted_it(
+    make_rig: MakeRig,
+) -> None:
+    # One slot: the retry can only go where the hung job still runs until DELETE lands.
+    rig = make_rig(stall_timeout_s=30.0)
+    node = rig.add_node("a", 1, script=[hangs_at(20)])
+    node.delete_latency_turns = 5
+    rig.submit("t")
+
+    await rig.settle()
+    assert rig.task("t").status is TaskStatus.COMPLETED and rig.task("t").attempts == 2
+    assert rig.nodes.refusals() == 0  # never sent the retry into a slot still taken
+
+
 async def test_a_task_stall_timeout_overrides_the_setting(make_rig: MakeRig) -> None:
     rig = make_rig(stall_timeout_s=600.0)
     rig.add_node("a", default=hangs_at(20))
