@@ -53,6 +53,10 @@ PROGRESS_CALLBACK_STEP = 10.0
 # After a 409 a node gets no new work for this long, so a full node is not hammered.
 REFUSED_BACKOFF_S = 2.0
 QUEUE_VIEW_TTL_S = 1.0
+# A result that cannot be written (our disk is full) is fetched again after this long.
+DISK_RETRY_S = 30.0
+# How long DELETE /tasks/{id} waits for the node to stop the job before answering.
+CANCEL_WAIT_S = 2.0
 
 
 class AttemptEnded(Exception):
@@ -125,7 +129,7 @@ class Engine:
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.callbacks_wake = asyncio.Event()
-        self._terminal_events: dict[str, asyncio.Event] = {}
+        self._terminal_events: dict[str, set[asyncio.Event]] = {}
         self._last_choice: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._queue_view_cache: tuple[float, object, dict[str, tuple[int, float]]] | None = None
@@ -226,7 +230,9 @@ class Engine:
         now = self.clock()
         alive = []
         for task in queue:
-            if task.expires_at is not None and now >= task.expires_at:
+            # Expiry is about starting in time: a task that started once and went back to
+            # the queue after a node failure is owed its remaining attempts.
+            if task.expires_at is not None and task.started_at is None and now >= task.expires_at:
                 waited = now - task.created_at
                 self._finish(
                     task.id,
@@ -373,7 +379,9 @@ class Engine:
             raise  # shutdown or user cancel: whoever cancelled keeps the books
         except Exception as exc:
             log.exception("worker crashed")
-            self._attempt_ended(task_id, Outcome.NODE_FAILED, f"dispatcher error: {exc!r}")
+            self._attempt_ended(
+                task_id, Outcome.NODE_FAILED, f"dispatcher error: {exc!r}", blame_node=False
+            )
         finally:
             if self.workers.get(task_id) is asyncio.current_task():
                 del self.workers[task_id]
@@ -404,7 +412,9 @@ class Engine:
             if (new_progress, new_message) != (progress, message):
                 progress, message = max(progress, new_progress), new_message
                 # By steps, not every poll: at most ~10 progress callbacks per attempt.
-                if progress >= min(100.0, reported + PROGRESS_CALLBACK_STEP):
+                # Not on the poll that says "succeeded": the terminal callback follows, and
+                # a late progress one must not look newer than it.
+                if state == "running" and progress >= min(100.0, reported + PROGRESS_CALLBACK_STEP):
                     self._send_progress(task, progress, message)
                     reported = progress
                 self.store.update(
@@ -448,9 +458,8 @@ class Engine:
             message=f"downloading result from {node.name}",
             updated_at=self.clock(),
         )
-        self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         dest = self.settings.results_dir / f"{task_id}.mp4"
-        size = await self.nodes.fetch_result(node.config, lease.job_id, dest)
+        size = await self._download(task_id, node, lease, dest)
         try:
             await asyncio.to_thread(require_video, dest, "the result")
         except NotMedia as exc:
@@ -475,13 +484,30 @@ class Engine:
         self._release(task_id)
         self._in_background(self._forget_job(node, lease.job_id))
 
+    async def _download(self, task_id: str, node: NodeRuntime, lease: Lease, dest: Path) -> int:
+        """Fetch the result; our own disk failing is retried, never blamed on the node."""
+        while True:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                return await self.nodes.fetch_result(node.config, lease.job_id, dest)
+            except OSError as exc:  # the result is safe on the node meanwhile
+                message = (
+                    f"cannot store the result on the dispatcher ({exc.strerror or exc});"
+                    f" retrying in {DISK_RETRY_S:.0f}s"
+                )
+                log.error("result not stored", task_id=task_id, error=str(exc))
+                self.store.update(task_id, message=message, updated_at=self.clock())
+                await self.sleep(DISK_RETRY_S)
+
     def _learn_speed(self, node: NodeRuntime, lease: Lease) -> None:
         if lease.media_seconds:
             observed = (self.clock() - lease.started_at) / lease.media_seconds
             node.speed = scheduler.update_speed(node.speed, observed)
 
     # -- endings --------------------------------------------------------------------------
-    def _attempt_ended(self, task_id: str, outcome: Outcome, message: str) -> None:
+    def _attempt_ended(
+        self, task_id: str, outcome: Outcome, message: str, blame_node: bool = True
+    ) -> None:
         lease = self.leases.get(task_id)
         task = self.store.get(task_id)
         if lease is None or task is None or task.status is not TaskStatus.PROCESSING:
@@ -520,7 +546,7 @@ class Engine:
                 attempt_log=attempt_log,
                 attempts=attempts,
             )
-        if node is not None and outcome is not Outcome.NOT_STARTED:
+        if node is not None and blame_node and outcome is not Outcome.NOT_STARTED:
             self._count_failure(node)
         self._release(task_id)
         if node is not None:
@@ -602,8 +628,7 @@ class Engine:
         if done is not None:
             log.info("task finished", task_id=task_id, status=status.value, error=error)
             self.callbacks_wake.set()
-            event = self._terminal_events.pop(task_id, None)
-            if event is not None:
+            for event in self._terminal_events.pop(task_id, set()):
                 event.set()
         return done
 
@@ -648,13 +673,30 @@ class Engine:
         worker = self.workers.pop(task_id, None)
         if worker is not None:
             await cancel_and_wait(worker)
-        if lease is not None and lease.node in self.fleet.nodes:
-            # The job is gone from the node before the lease is: otherwise the next task
-            # could reach the node while it still runs this one, and get a 409.
-            await self._forget_job(self.fleet.nodes[lease.node], lease.job_id)
+            self._remove_result_files(task_id)  # a download it may have been in the middle of
         if lease is not None and self.leases.get(task_id) is lease:
             self._release(task_id)
+        if lease is not None and lease.node in self.fleet.nodes:
+            # Right after the release, with no await between: the slot is never free early.
+            await self._cancel_on_node(self.fleet.nodes[lease.node], lease.job_id)
         return done
+
+    async def _cancel_on_node(self, node: NodeRuntime, job_id: str) -> None:
+        """Stop the job on its node, waiting briefly so the slot is free when we answer.
+
+        A node that does not answer soon is not waited for: its slot counts as taken until
+        the DELETE lands (or the next health report says otherwise).
+        """
+        node.assume_running(job_id)
+        forget = asyncio.ensure_future(self._forget_job(node, job_id))
+        self._background.add(forget)
+        forget.add_done_callback(self._background.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(forget), CANCEL_WAIT_S)
+
+    def _remove_result_files(self, task_id: str) -> None:
+        for name in (f"{task_id}.mp4", f"{task_id}.mp4.part"):
+            (self.settings.results_dir / name).unlink(missing_ok=True)
 
     def retry(self, task_id: str) -> Task:
         task = self._get(task_id)
@@ -693,12 +735,15 @@ class Engine:
         task = self._get(task_id)
         if task.status.terminal:
             return task
-        event = self._terminal_events.setdefault(task_id, asyncio.Event())
+        event = asyncio.Event()  # one per waiter: two sync requests may wait on one task
+        waiters = self._terminal_events.setdefault(task_id, set())
+        waiters.add(event)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout_s)
         finally:
-            if not event.is_set():  # timed out or the client left: do not keep the event
+            waiters.discard(event)
+            if not waiters:  # timed out or the client left: keep nothing behind
                 self._terminal_events.pop(task_id, None)
         return self._get(task_id)
 

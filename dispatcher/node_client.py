@@ -178,6 +178,15 @@ class NodeClient:
 
         async def send() -> int:
             partial = dest.with_name(dest.name + ".part")
+            try:
+                size = await download(partial)
+            except BaseException:
+                partial.unlink(missing_ok=True)  # cancelled or failed: no half file stays
+                raise
+            os.replace(partial, dest)
+            return size
+
+        async def download(partial: Path) -> int:
             size = 0
             async with self._client.stream(
                 "GET",
@@ -194,7 +203,6 @@ class NodeClient:
                         size += len(chunk)
                     out.flush()
                     os.fsync(out.fileno())
-            os.replace(partial, dest)
             return size
 
         return await self._call(machine, "result download", send)

@@ -189,8 +189,10 @@ async def create_task_sync(
             f"{waited:.0f}s; poll GET /tasks/{task.id}",
             headers=headers,
         )
+    # A cancel is somebody's decision, not a failure of the fleet.
+    status = 409 if task.status is TaskStatus.CANCELLED else 502
     raise HTTPException(
-        502, f"task {task.id} {task.status.value}: {task.error_message}", headers=headers
+        status, f"task {task.id} {task.status.value}: {task.error_message}", headers=headers
     )
 
 

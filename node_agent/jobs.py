@@ -237,6 +237,8 @@ class JobManager:
         for folder in self.root.iterdir():
             job = _load_finished(folder)
             if job is None:
+                if folder.is_dir():
+                    self.backend.adopt_leftover(folder.name, folder / "work")
                 _remove(folder)
             else:
                 self.jobs[job.job_id] = job

@@ -11,6 +11,7 @@ fleet recorded.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import shutil
 import time
@@ -22,6 +23,7 @@ from typing import Any, cast
 import pytest
 from structlog.testing import capture_logs
 
+import dispatcher.engine as engine_module
 from dispatcher.background import delete_orphans, probe_node
 from dispatcher.engine import (
     REFUSED_BACKOFF_S,
@@ -899,3 +901,107 @@ async def test_slow_progress_is_called_back_in_steps_not_every_poll(make_rig: Ma
     await rig.engine.cancel("t")
     assert len(sent) >= 5
     assert all(later - earlier >= 10 for earlier, later in zip(sent, sent[1:], strict=False))
+
+
+# -- found in review: each of these lost work or time before it was fixed --------------------
+async def test_expiry_does_not_fail_a_task_that_started_and_went_back_to_the_queue(
+    make_rig: MakeRig,
+) -> None:
+    rig = make_rig()
+    rig.add_node("a", script=[loses_job(after=3)])
+    rig.add_node("b")
+    rig.submit("t", expires_at=rig.clock() + 2)  # starts at once, well within its expiry
+
+    await rig.settle(["t"])
+    task = rig.task("t")
+    assert task.status is TaskStatus.COMPLETED and task.node == "b" and task.attempts == 2
+
+
+async def test_our_own_full_disk_is_not_blamed_on_the_node(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig(eject_after_failures=1)
+    node = rig.add_node("a")
+    real_fetch = rig.nodes.fetch_result
+    failures = [OSError(errno.ENOSPC, "No space left on device")] * 2
+
+    async def fetch(machine: Any, job_id: str, dest: Path) -> int:
+        if failures:
+            raise failures.pop()
+        return await real_fetch(machine, job_id, dest)
+
+    monkeypatch.setattr(rig.nodes, "fetch_result", fetch)
+    rig.submit("t")
+    rig.engine.dispatch_ready()
+    await rig.steps(20)
+    task = rig.task("t")
+    assert task.status is TaskStatus.PROCESSING and task.stage == "fetching"
+    assert "cannot store the result on the dispatcher (No space left on device)" in task.message
+
+    await rig.settle(["t"])
+    task = rig.task("t")
+    assert task.status is TaskStatus.COMPLETED and task.attempts == 1  # no GPU run wasted
+    runtime = rig.fleet.nodes["a"]
+    assert runtime.jobs_failed == 0 and runtime.ejected_until == 0
+    assert rig.nodes.submitted() == ["t.1"] and node.jobs == {}
+
+
+async def test_cancel_while_the_result_is_checked_leaves_no_file(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig()
+    rig.add_node("a", default=succeeds(polls=2))
+    real_check = engine_module.require_video
+
+    def slow_check(path: Path, what: str) -> Any:
+        time.sleep(0.3)  # probing a multi-GB result takes a while
+        return real_check(path, what)
+
+    monkeypatch.setattr(engine_module, "require_video", slow_check)
+    rig.submit("t")
+    rig.engine.dispatch_ready()
+    deadline = time.monotonic() + 5
+    while not (rig.settings.results_dir / "t.mp4").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await rig.engine.cancel("t")
+    assert rig.task("t").status is TaskStatus.CANCELLED
+    assert list(rig.settings.results_dir.iterdir()) == []
+
+
+async def test_every_sync_waiter_is_woken_when_the_task_ends(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    rig.add_node("a", default=hangs_at(20))
+    rig.submit("t")
+    early = asyncio.create_task(rig.engine.wait_terminal("t", 0.05))
+    late = asyncio.create_task(rig.engine.wait_terminal("t", 5.0))
+    await early  # the first one gives up: the second must still hear the end
+    started = time.monotonic()
+    await rig.engine.cancel("t")
+    assert (await late).status is TaskStatus.CANCELLED
+    assert time.monotonic() - started < 1.0
+
+
+async def test_cancel_answers_soon_when_the_node_is_slow_and_keeps_its_slot_counted(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "CANCEL_WAIT_S", 0.05)
+    rig = make_rig()
+    rig.add_node("a", 1, default=hangs_at(20))
+    rig.submit("t")
+    rig.engine.dispatch_ready()
+    await rig.steps(3)
+    landed = asyncio.Event()
+    real_delete = rig.nodes.delete
+
+    async def slow_delete(machine: Any, job_id: str) -> None:
+        await landed.wait()  # a node that takes its time to answer
+        await real_delete(machine, job_id)
+
+    monkeypatch.setattr(rig.nodes, "delete", slow_delete)
+    started = time.monotonic()
+    await rig.engine.cancel("t")
+    assert time.monotonic() - started < 1.0
+    assert rig.engine.in_flight()["a"] == 1  # the job may still run there
+    landed.set()
+    await rig.steps(3)
+    assert rig.engine.in_flight().get("a", 0) == 0

@@ -434,6 +434,27 @@ async def test_hang_at_20_percent_keeps_polling_until_cancelled(
 
 
 @pytest.mark.anyio
+async def test_a_job_left_by_a_crashed_agent_keeps_the_node_unready_until_it_ends(
+    data_dir: Path, spec: JobSpec
+) -> None:
+    fake = FakeHeyGem(data_dir, [running(20, "queue full")])
+    async with heygem(data_dir, fake, FakeSleep()) as (first, _router):
+        task = asyncio.create_task(first.run(spec, Progress()))
+        while not fake.submits:
+            await asyncio.sleep(0)
+        task.cancel()  # stands in for the agent being killed: this backend object is gone
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    async with heygem(data_dir, fake, FakeSleep()) as (restarted, _router):
+        assert (await restarted.probe()).ok  # knows nothing yet
+        restarted.adopt_leftover(JOB, spec.workdir)  # what the job manager does at start-up
+        stuck = await restarted.probe()
+        assert not stuck.ok and f"still running cancelled job {JOB} (20 %)" in stuck.detail
+        fake.finish(JOB)
+        assert (await restarted.probe()).ok
+
+
+@pytest.mark.anyio
 async def test_run_against_a_container_that_refuses_connections(
     data_dir: Path, spec: JobSpec
 ) -> None:

@@ -14,6 +14,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -33,6 +36,7 @@ from node_agent.backends.base import (
     BackendHealth,
     JobSpec,
     ProgressFn,
+    record_process_group,
 )
 from node_agent.jobs import BUSY_BACKOFF_S, Job, JobManager, JobState, NoFreeSlot, UnknownJob
 from tests.fakes import FakeClock
@@ -681,3 +685,31 @@ JobManagerMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=20, deadline=None
 )
 TestJobManagerMachine = JobManagerMachine.TestCase
+
+
+def _leftover_process(workdir: Path, marker: str) -> subprocess.Popen[bytes]:
+    """A model process a crashed agent left behind, in its own group, recorded in workdir."""
+    workdir.mkdir(parents=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", marker], start_new_session=True
+    )
+    record_process_group(workdir, process.pid)
+    return process
+
+
+@pytest.mark.parametrize(("marker", "killed"), [("job-9", True), ("someone-else", False)])
+def test_restore_kills_what_a_crashed_agent_left_running(
+    tmp_path: Path, marker: str, killed: bool
+) -> None:
+    folder = tmp_path / "jobs" / "job-9"
+    process = _leftover_process(folder / "work", marker)
+    (folder / "job.json").write_text(json.dumps({"job_id": "job-9", "state": "running"}))
+    try:
+        JobManager(ScriptedBackend(), tmp_path, max_concurrent=1).restore()
+        # Only a process that works on this job (its id in the command line) is ours.
+        returncode = process.wait(timeout=5) if killed else process.poll()
+        assert (returncode == -signal.SIGKILL) if killed else returncode is None
+        assert not folder.exists()
+    finally:
+        process.kill()
+        process.wait()

@@ -32,7 +32,14 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from node_agent.backends.base import Backend, BackendError, BackendHealth, JobSpec, ProgressFn
+from node_agent.backends.base import (
+    Backend,
+    BackendError,
+    BackendHealth,
+    JobSpec,
+    ProgressFn,
+    record_process_group,
+)
 from node_agent.settings import NodeSettings
 
 PLACEHOLDERS = ("audio", "video", "output", "workdir", "job_id")
@@ -168,6 +175,7 @@ class CommandBackend(Backend):
             )
         except OSError as exc:  # not found, not executable, bad workdir
             raise BackendError(f"cannot start {argv[0]!r}: {exc}") from exc
+        record_process_group(spec.workdir, process.pid)
         try:
             tails = await self._follow(process, progress)
         except BaseException:

@@ -11,7 +11,14 @@ import contextlib
 from collections import deque
 
 from heygem_common.media import NotMedia, ffmpeg_exe, require_audio, require_video
-from node_agent.backends.base import Backend, BackendError, BackendHealth, JobSpec, ProgressFn
+from node_agent.backends.base import (
+    Backend,
+    BackendError,
+    BackendHealth,
+    JobSpec,
+    ProgressFn,
+    record_process_group,
+)
 from node_agent.settings import NodeSettings
 
 STDERR_LINES_KEPT = 12
@@ -63,7 +70,9 @@ class FfmpegBackend(Backend):
             *ffmpeg_argv(spec, duration_s, self._preset, ffmpeg_exe(), self._readrate),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
+        record_process_group(spec.workdir, process.pid)
         try:
             stderr_tail = await _follow(process, duration_s, progress)
         except BaseException:

@@ -52,6 +52,9 @@ log = structlog.get_logger(__name__)
 
 SleepFn = Callable[[float], Awaitable[Any]]
 
+# In a job's workdir once its submit was sent (see adopt_leftover).
+SUBMITTED_MARK = "heygem_submitted"
+
 # Answer codes of the HeyGem envelope {code, success, msg, data}.
 OK = 10000
 BUSY = 10001
@@ -268,6 +271,9 @@ class HeyGemBackend(Backend):
             payload = await asyncio.to_thread(self._stage_inputs, spec, staged)
             progress(0.0, "HeyGem: submitting")
             submitted = True  # from here on the container may be working on it
+            # So that an agent restarted after a crash knows the container may be busy.
+            spec.workdir.mkdir(parents=True, exist_ok=True)
+            (spec.workdir / SUBMITTED_MARK).write_text(code)
             confirmed = await self._submit(payload, code)
             record = await self._follow(code, progress, confirmed)
             await asyncio.to_thread(self._collect_result, spec, record)
@@ -306,6 +312,12 @@ class HeyGemBackend(Backend):
         if still_busy is not None:
             return BackendHealth(ok=False, detail=still_busy)
         return BackendHealth(ok=True, detail=f"HeyGem at {self._base_url} answering")
+
+    def adopt_leftover(self, job_id: str, workdir: Path) -> None:
+        # The container outlives the agent: a job submitted before the crash may still
+        # run there. Watch it like a cancelled one, so the node says why it is not ready.
+        if (workdir / SUBMITTED_MARK).is_file() and job_id not in self._abandoned:
+            self._abandoned.append(job_id)
 
     async def _abandoned_still_running(self) -> str | None:
         """Why the container cannot take work while a cancelled job runs on, if it does."""
