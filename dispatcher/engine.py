@@ -1,9 +1,9 @@
 """The engine: moves tasks from the queue onto nodes and follows them to the end.
 
-One coroutine per running task (a *worker*) drives its attempt on a node: upload, follow
-progress, fetch the result. Decisions are made elsewhere by plain functions (which node:
-``scheduler``; retry or fail: ``states.decide_retry``); this module does the I/O and keeps
-the books. The store is written before anything else is done or told.
+One coroutine per running task (a worker: ``attempt.Attempt``) drives its attempt on a node:
+upload, follow progress, fetch the result. Decisions are made elsewhere by plain functions
+(which node: ``scheduler``; retry or fail: ``states.decide_retry``); this module keeps the
+books. The store is written before anything else is done or told.
 
 Slots have one source of truth: ``leases`` (task id -> node and job). A lease is taken when a
 task is handed to a node and given back when its attempt ends, so the in-flight count is
@@ -23,46 +23,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from dispatcher import scheduler
+from dispatcher.attempt import Attempt
 from dispatcher.fleet import Fleet, Health, NodeRuntime, ejection_cooldown
-from dispatcher.node_client import (
-    JobUnknown,
-    NodeClient,
-    NodeError,
-    NodeFull,
-    NodeRejected,
-    NodeUnreachable,
-)
+from dispatcher.node_client import NodeClient, NodeError
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome, TaskStatus, decide_retry
 from dispatcher.store import Task, TaskStore
 from heygem_common.aio import cancel_and_wait
-from heygem_common.media import NotMedia, require_video
 
 log = structlog.get_logger()
 Sleep = Callable[[float], Awaitable[None]]
 # Sends one progress callback (url, body); failures are the sender's to swallow.
 ProgressNotifier = Callable[[str, dict[str, Any]], Awaitable[None]]
-# Progress callbacks go out each time progress has moved this many points.
-PROGRESS_CALLBACK_STEP = 10.0
-# After a 409 a node gets no new work for this long, so a full node is not hammered.
-REFUSED_BACKOFF_S = 2.0
 QUEUE_VIEW_TTL_S = 1.0
-# A result that cannot be written (our disk is full) is fetched again after this long.
-DISK_RETRY_S = 30.0
 # How long DELETE /tasks/{id} waits for the node to stop the job before answering.
 CANCEL_WAIT_S = 2.0
-
-
-class AttemptEnded(Exception):
-    def __init__(self, outcome: Outcome, message: str) -> None:
-        super().__init__(message)
-        self.outcome, self.message = outcome, message
 
 
 class TaskNotFound(KeyError):
@@ -185,7 +165,7 @@ class Engine:
         for task in list(self._background):
             task.cancel()
 
-    def _in_background(self, coro: Awaitable[Any]) -> None:
+    def in_background(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -234,7 +214,7 @@ class Engine:
             # the queue after a node failure is owed its remaining attempts.
             if task.expires_at is not None and task.started_at is None and now >= task.expires_at:
                 waited = now - task.created_at
-                self._finish(
+                self.finish(
                     task.id,
                     TaskStatus.FAILED,
                     f"expired: not started within its expiry ({waited:.0f}s waited)",
@@ -350,162 +330,10 @@ class Engine:
         self._spawn_worker(task.id)
 
     def _spawn_worker(self, task_id: str) -> None:
-        self.workers[task_id] = asyncio.create_task(self._drive(task_id))
-
-    async def _drive(self, task_id: str) -> None:
-        lease = self.leases[task_id]
-        structlog.contextvars.bind_contextvars(task_id=task_id, node=lease.node)
-        node = self.fleet.nodes[lease.node]
-        try:
-            task = self._get(task_id)
-            if task.stage == "uploading":
-                await self._upload(task, node, lease)
-            if task.stage != "fetching":
-                await self._follow(task_id, node, lease)
-            await self._fetch(task_id, node, lease)
-        except AttemptEnded as ended:
-            if ended.outcome is Outcome.NOT_STARTED:  # the model was busy: treat like a 409
-                node.refused_until = self.clock() + REFUSED_BACKOFF_S
-            self._attempt_ended(task_id, ended.outcome, ended.message)
-        except NodeFull as exc:
-            node.refused_until = self.clock() + REFUSED_BACKOFF_S
-            self._attempt_ended(task_id, Outcome.NOT_STARTED, exc.message)
-        except NodeUnreachable as exc:
-            self._mark_unreachable(node, exc.message)
-            self._attempt_ended(task_id, Outcome.NODE_FAILED, exc.message)
-        except (JobUnknown, NodeRejected) as exc:
-            self._attempt_ended(task_id, Outcome.NODE_FAILED, exc.message)
-        except asyncio.CancelledError:
-            raise  # shutdown or user cancel: whoever cancelled keeps the books
-        except Exception as exc:
-            log.exception("worker crashed")
-            self._attempt_ended(
-                task_id, Outcome.NODE_FAILED, f"dispatcher error: {exc!r}", blame_node=False
-            )
-        finally:
-            if self.workers.get(task_id) is asyncio.current_task():
-                del self.workers[task_id]
-
-    async def _upload(self, task: Task, node: NodeRuntime, lease: Lease) -> None:
-        await self.nodes.submit(
-            node.config, lease.job_id, Path(task.audio_path), Path(task.video_path), task.options
-        )
-        self.store.update(
-            task.id, stage="running", message=f"running on {node.name}", updated_at=self.clock()
-        )
-
-    async def _follow(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
-        task = self._get(task_id)
-        stall_s = task.stall_timeout_s or self.settings.stall_timeout_s
-        limit_s = task.task_timeout_s or self.settings.task_timeout_s
-        progress, message = task.progress, task.message
-        reported = progress  # what the last progress callback said
-        last_change = self.clock()
-        while True:
-            info = await self.nodes.job(node.config, lease.job_id)
-            now = self.clock()
-            state = info.get("state")
-            new_progress = float(info.get("progress") or 0.0)
-            new_message = str(info.get("message") or "")
-            if new_progress > progress:
-                last_change = now
-            if (new_progress, new_message) != (progress, message):
-                progress, message = max(progress, new_progress), new_message
-                # By steps, not every poll: at most ~10 progress callbacks per attempt.
-                # Not on the poll that says "succeeded": the terminal callback follows, and
-                # a late progress one must not look newer than it.
-                if state == "running" and progress >= min(100.0, reported + PROGRESS_CALLBACK_STEP):
-                    self._send_progress(task, progress, message)
-                    reported = progress
-                self.store.update(
-                    task_id,
-                    progress=progress,
-                    message=message,
-                    last_progress_at=last_change,
-                    updated_at=now,
-                )
-            if state == "succeeded":
-                return
-            _raise_if_job_ended(state, info, node.name)
-            if now - last_change > stall_s:
-                raise AttemptEnded(
-                    Outcome.NODE_FAILED,
-                    f"stalled: no progress for {stall_s:.0f}s at {progress:.0f}%",
-                )
-            if now - lease.started_at > limit_s:
-                raise AttemptEnded(Outcome.NODE_FAILED, f"timed out after {limit_s:.0f}s")
-            await self.sleep(self.settings.poll_interval_s)
-
-    def _send_progress(self, task: Task, progress: float, message: str) -> None:
-        if not (task.progress_callbacks and task.callback_url and self.notify_progress):
-            return
-        body = {
-            "task_id": task.id,
-            "status": TaskStatus.PROCESSING.value,
-            "progress": round(progress, 1),
-            "message": message,
-            "node": task.node,
-            "completed_at": None,
-            "error_message": None,
-            "description": task.description,
-        }
-        self._in_background(self.notify_progress(task.callback_url, body))
-
-    async def _fetch(self, task_id: str, node: NodeRuntime, lease: Lease) -> None:
-        self.store.update(
-            task_id,
-            stage="fetching",
-            message=f"downloading result from {node.name}",
-            updated_at=self.clock(),
-        )
-        dest = self.settings.results_dir / f"{task_id}.mp4"
-        size = await self._download(task_id, node, lease, dest)
-        try:
-            await asyncio.to_thread(require_video, dest, "the result")
-        except NotMedia as exc:
-            dest.unlink(missing_ok=True)
-            raise AttemptEnded(
-                Outcome.JOB_FAILED, f"{node.name} returned a bad video: {exc}"
-            ) from exc
-        done = self._finish(
-            task_id,
-            TaskStatus.COMPLETED,
-            None,
-            result_path=str(dest),
-            result_size=size,
-            progress=100.0,
-            stage="done",
-        )
-        if done is None:  # cancelled while we downloaded
-            dest.unlink(missing_ok=True)
-        self._learn_speed(node, lease)
-        node.jobs_done += 1
-        node.job_failures_in_row = 0
-        self._release(task_id)
-        self._in_background(self._forget_job(node, lease.job_id))
-
-    async def _download(self, task_id: str, node: NodeRuntime, lease: Lease, dest: Path) -> int:
-        """Fetch the result; our own disk failing is retried, never blamed on the node."""
-        while True:
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                return await self.nodes.fetch_result(node.config, lease.job_id, dest)
-            except OSError as exc:  # the result is safe on the node meanwhile
-                message = (
-                    f"cannot store the result on the dispatcher ({exc.strerror or exc});"
-                    f" retrying in {DISK_RETRY_S:.0f}s"
-                )
-                log.error("result not stored", task_id=task_id, error=str(exc))
-                self.store.update(task_id, message=message, updated_at=self.clock())
-                await self.sleep(DISK_RETRY_S)
-
-    def _learn_speed(self, node: NodeRuntime, lease: Lease) -> None:
-        if lease.media_seconds:
-            observed = (self.clock() - lease.started_at) / lease.media_seconds
-            node.speed = scheduler.update_speed(node.speed, observed)
+        self.workers[task_id] = asyncio.create_task(Attempt(self, task_id).run())
 
     # -- endings --------------------------------------------------------------------------
-    def _attempt_ended(
+    def attempt_ended(
         self, task_id: str, outcome: Outcome, message: str, blame_node: bool = True
     ) -> None:
         lease = self.leases.get(task_id)
@@ -539,7 +367,7 @@ class Engine:
                 updated_at=self.clock(),
             )
         else:
-            self._finish(
+            self.finish(
                 task_id,
                 TaskStatus.FAILED,
                 failure_summary(attempt_log),
@@ -548,11 +376,11 @@ class Engine:
             )
         if node is not None and blame_node and outcome is not Outcome.NOT_STARTED:
             self._count_failure(node)
-        self._release(task_id)
+        self.release(task_id)
         if node is not None:
             # Until the DELETE lands, a stalled job still holds its slot on the node.
             node.assume_running(lease.job_id)
-            self._in_background(self._forget_job(node, lease.job_id))
+            self.in_background(self.forget_job(node, lease.job_id))
 
     def _log_entry(
         self, lease: Lease | None, outcome: str, error: str, counted: bool
@@ -577,19 +405,19 @@ class Engine:
             node.last_error = f"ejected for {cooldown:.0f}s after repeated job failures"
             log.warning("node ejected", node=node.name, cooldown_s=cooldown)
 
-    def _mark_unreachable(self, node: NodeRuntime, message: str) -> None:
+    def mark_unreachable(self, node: NodeRuntime, message: str) -> None:
         # Passive detection: do not hand the next task to a node that just refused us.
         node.health = Health.UNHEALTHY
         node.probe_successes = 0
         node.last_error = message
 
-    def _release(self, task_id: str) -> None:
+    def release(self, task_id: str) -> None:
         lease = self.leases.pop(task_id, None)
         if lease is not None and lease.node in self.fleet.nodes:
             self.fleet.nodes[lease.node].forget_reported(lease.job_id)
         self.wake.set()
 
-    async def _forget_job(self, node: NodeRuntime, job_id: str) -> None:
+    async def forget_job(self, node: NodeRuntime, job_id: str) -> None:
         try:
             await self.nodes.delete(node.config, job_id)
             node.forget_reported(job_id)
@@ -600,7 +428,7 @@ class Engine:
                 "could not delete job on node yet", node=node.name, job_id=job_id, error=exc.message
             )
 
-    def _finish(
+    def finish(
         self, task_id: str, status: TaskStatus, error: str | None, **values: Any
     ) -> Task | None:
         """Enter a terminal state; the callback is queued in the same transaction."""
@@ -650,14 +478,14 @@ class Engine:
         }
 
     # -- user control ---------------------------------------------------------------------
-    def _get(self, task_id: str) -> Task:
+    def get(self, task_id: str) -> Task:
         task = self.store.get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
         return task
 
     async def cancel(self, task_id: str) -> Task:
-        task = self._get(task_id)
+        task = self.get(task_id)
         if task.status.terminal:
             raise TaskStateConflict(f"task {task_id} is already {task.status.value}")
         lease = self.leases.get(task_id)
@@ -667,15 +495,15 @@ class Engine:
                 *task.attempt_log,
                 self._log_entry(lease, "cancelled", "cancelled by user", counted=False),
             ]
-        done = self._finish(task_id, TaskStatus.CANCELLED, "cancelled by user", **values)
+        done = self.finish(task_id, TaskStatus.CANCELLED, "cancelled by user", **values)
         if done is None:
-            raise TaskStateConflict(f"task {task_id} is already {self._get(task_id).status}")
+            raise TaskStateConflict(f"task {task_id} is already {self.get(task_id).status}")
         worker = self.workers.pop(task_id, None)
         if worker is not None:
             await cancel_and_wait(worker)
             self._remove_result_files(task_id)  # a download it may have been in the middle of
         if lease is not None and self.leases.get(task_id) is lease:
-            self._release(task_id)
+            self.release(task_id)
         if lease is not None and lease.node in self.fleet.nodes:
             # Right after the release, with no await between: the slot is never free early.
             await self._cancel_on_node(self.fleet.nodes[lease.node], lease.job_id)
@@ -688,7 +516,7 @@ class Engine:
         the DELETE lands (or the next health report says otherwise).
         """
         node.assume_running(job_id)
-        forget = asyncio.ensure_future(self._forget_job(node, job_id))
+        forget = asyncio.ensure_future(self.forget_job(node, job_id))
         self._background.add(forget)
         forget.add_done_callback(self._background.discard)
         with contextlib.suppress(TimeoutError):
@@ -699,7 +527,7 @@ class Engine:
             (self.settings.results_dir / name).unlink(missing_ok=True)
 
     def retry(self, task_id: str) -> Task:
-        task = self._get(task_id)
+        task = self.get(task_id)
         if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
             raise TaskStateConflict(
                 f"only failed or cancelled tasks can be retried; {task_id} is {task.status}"
@@ -732,7 +560,7 @@ class Engine:
         return updated
 
     async def wait_terminal(self, task_id: str, timeout_s: float) -> Task:
-        task = self._get(task_id)
+        task = self.get(task_id)
         if task.status.terminal:
             return task
         event = asyncio.Event()  # one per waiter: two sync requests may wait on one task
@@ -745,16 +573,4 @@ class Engine:
             waiters.discard(event)
             if not waiters:  # timed out or the client left: keep nothing behind
                 self._terminal_events.pop(task_id, None)
-        return self._get(task_id)
-
-
-def _raise_if_job_ended(state: object, info: dict[str, Any], node: str) -> None:
-    if state == "failed":
-        error = str(info.get("error") or "no error message")
-        if info.get("error_kind") == "busy":
-            raise AttemptEnded(Outcome.NOT_STARTED, f"model on {node} was busy: {error}")
-        raise AttemptEnded(Outcome.JOB_FAILED, f"job failed on {node}: {error}")
-    if state == "cancelled":
-        raise AttemptEnded(Outcome.NODE_FAILED, f"the job was cancelled on {node}")
-    if state not in ("running", "receiving"):
-        raise AttemptEnded(Outcome.NODE_FAILED, f"{node} reported an unknown state {state!r}")
+        return self.get(task_id)

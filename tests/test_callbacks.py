@@ -52,7 +52,7 @@ def engine(tmp_path: Path, clock: Clock) -> Engine:
         callback_url=HOOK,
     )
     store.insert(task)
-    engine._finish("t1", TaskStatus.FAILED, "broke")  # queues the terminal callback
+    engine.finish("t1", TaskStatus.FAILED, "broke")  # queues the terminal callback
     return engine
 
 

@@ -23,10 +23,11 @@ from typing import Any, cast
 import pytest
 from structlog.testing import capture_logs
 
+import dispatcher.attempt as attempt_module
 import dispatcher.engine as engine_module
+from dispatcher.attempt import REFUSED_BACKOFF_S
 from dispatcher.background import delete_orphans, probe_node
 from dispatcher.engine import (
-    REFUSED_BACKOFF_S,
     Engine,
     ProgressNotifier,
     TaskStateConflict,
@@ -951,13 +952,13 @@ async def test_cancel_while_the_result_is_checked_leaves_no_file(
 ) -> None:
     rig = make_rig()
     rig.add_node("a", default=succeeds(polls=2))
-    real_check = engine_module.require_video
+    real_check = attempt_module.require_video
 
     def slow_check(path: Path, what: str) -> Any:
         time.sleep(0.3)  # probing a multi-GB result takes a while
         return real_check(path, what)
 
-    monkeypatch.setattr(engine_module, "require_video", slow_check)
+    monkeypatch.setattr(attempt_module, "require_video", slow_check)
     rig.submit("t")
     rig.engine.dispatch_ready()
     deadline = time.monotonic() + 5
