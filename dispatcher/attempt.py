@@ -33,6 +33,8 @@ log = structlog.get_logger()
 PROGRESS_CALLBACK_STEP = 10.0
 # After a 409 (or a busy model) a node gets no new work for this long.
 REFUSED_BACKOFF_S = 2.0
+# The longest a status poll waits at the node for the job to move.
+LONG_POLL_S = 10.0
 # A result that cannot be written (our disk is full) is fetched again after this long.
 DISK_RETRY_S = 30.0
 
@@ -106,12 +108,17 @@ class Attempt:
         progress, message = task.progress, task.message
         reported = progress  # what the last progress callback said
         last_change = engine.clock()
+        # Long polls: the node answers when the job moves, so its end is seen at once.
+        wait_s = min(LONG_POLL_S, stall_s / 2)
+        seen: tuple[str, float] | None = None
         while True:
-            info = await engine.nodes.job(node.config, lease.job_id)
+            info = await engine.nodes.job(node.config, lease.job_id, wait_s=wait_s, seen=seen)
             now = engine.clock()
             state = info.get("state")
             new_progress = float(info.get("progress") or 0.0)
             new_message = str(info.get("message") or "")
+            unchanged = seen == (state, new_progress)
+            seen = (str(state), new_progress)
             if new_progress > progress:
                 last_change = now
             if (new_progress, new_message) != (progress, message):
@@ -139,7 +146,9 @@ class Attempt:
                 )
             if now - lease.started_at > limit_s:
                 raise AttemptEnded(Outcome.NODE_FAILED, f"timed out after {limit_s:.0f}s")
-            await engine.sleep(engine.settings.poll_interval_s)
+            # Ask again at once only after news from a node that long-polls; otherwise pace.
+            if unchanged or not info.get("long_poll"):
+                await engine.sleep(engine.settings.poll_interval_s)
 
     def _send_progress(self, task: Task, progress: float, message: str) -> None:
         notify = self.engine.notify_progress

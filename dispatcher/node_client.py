@@ -162,10 +162,26 @@ class NodeClient:
 
         return await self._call(machine, "upload", send)
 
-    async def job(self, machine: MachineConfig, job_id: str) -> dict[str, Any]:
+    async def job(
+        self,
+        machine: MachineConfig,
+        job_id: str,
+        wait_s: float = 0.0,
+        seen: tuple[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """The job's status; with ``wait_s`` and ``seen``, a long poll that answers as soon
+        as the job's (state, progress) differs from ``seen`` (an older node answers at once).
+        """
+        params: dict[str, Any] = {}
+        if wait_s > 0 and seen is not None:
+            params = {"wait_s": wait_s, "seen_state": seen[0], "seen_progress": seen[1]}
+
         async def send() -> dict[str, Any]:
             response = await self._client.get(
-                f"{machine.base_url}/jobs/{job_id}", headers=self._headers, timeout=15.0
+                f"{machine.base_url}/jobs/{job_id}",
+                params=params,
+                headers=self._headers,
+                timeout=15.0 + wait_s,
             )
             _raise_for_status(response, "status poll")
             body: dict[str, Any] = response.json()

@@ -133,8 +133,21 @@ def _job(node: NodeState, job_id: str) -> Job:
 
 
 @router.get("/jobs/{job_id}")
-async def job_status(node: State, job_id: str) -> dict[str, Any]:
-    return _job(node, job_id).public()
+async def job_status(
+    node: State,
+    job_id: str,
+    wait_s: Annotated[float, Query(ge=0, le=60, description="long poll: wait for a change")] = 0,
+    seen_state: str | None = None,
+    seen_progress: float | None = None,
+) -> dict[str, Any]:
+    """The job as it is; with ``wait_s``, as soon as it differs from what the caller saw."""
+    job = _job(node, job_id)
+    unchanged = job.state.value == seen_state and job.progress == seen_progress
+    if wait_s > 0 and unchanged and job.state.holds_slot:
+        await node.manager.wait_for_change(job_id, wait_s)
+        job = _job(node, job_id)  # it may have been forgotten meanwhile: then 404
+    # Tells the dispatcher it may ask again at once: this node waits for news itself.
+    return {**job.public(), "long_poll": True}
 
 
 @router.get("/jobs/{job_id}/result")

@@ -11,6 +11,7 @@ with it) and the dispatcher sends the task elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -97,6 +98,7 @@ class JobManager:
         self.jobs_failed = 0
         self.busy_until = 0.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._change_events: dict[str, asyncio.Event] = {}
 
     # -- queries ----------------------------------------------------------------------
     def running_ids(self) -> list[str]:
@@ -158,8 +160,11 @@ class JobManager:
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
 
         def report(percent: float, message: str) -> None:
+            before = job.progress
             job.progress = round(max(job.progress, min(percent, 100.0)), 1)
             job.message = message
+            if job.progress != before:
+                self._changed(job.job_id)
 
         try:
             await self.backend.run(spec, report)
@@ -203,6 +208,24 @@ class JobManager:
             self.jobs_done += 1
         log.info("job finished", state=state.value, message=message)
         self._save(job)
+        self._changed(job.job_id)
+
+    # -- long polling ---------------------------------------------------------------------
+    def _changed(self, job_id: str) -> None:
+        """Wake everyone waiting for this job's progress or state to move."""
+        event = self._change_events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_for_change(self, job_id: str, timeout_s: float) -> None:
+        """Return when the job's progress or state moves, or after ``timeout_s``.
+
+        The dispatcher learns that a job ended within milliseconds instead of at its next
+        poll, so the slot is handed to the next task at once.
+        """
+        event = self._change_events.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
 
     async def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)

@@ -301,7 +301,14 @@ class FakeNodes:
         job.options = dict(options)
         return job.public()
 
-    async def job(self, machine: MachineConfig, job_id: str) -> dict[str, Any]:
+    async def job(
+        self,
+        machine: MachineConfig,
+        job_id: str,
+        wait_s: float = 0.0,
+        seen: tuple[str, float] | None = None,
+    ) -> dict[str, Any]:
+        # Answers at once, like a node that does not long-poll: the engine paces its polls.
         node = self._enter("job", machine, job_id)
         job = self._known(node, job_id, "status poll")
         if job.state in RUNNING_STATES:

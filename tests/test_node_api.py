@@ -10,6 +10,7 @@ can meet a job that is still being received.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -286,6 +287,43 @@ async def test_status_reports_progress_while_running(tmp_path: Path) -> None:
         await until(lambda: node.manager.get("a").progress == 42, "progress")
         job = (await node.client.get("/jobs/a")).json()
         assert (job["state"], job["progress"], job["message"]) == ("running", 42, "lip-syncing")
+
+
+async def test_a_long_poll_answers_as_soon_as_the_job_moves(tmp_path: Path) -> None:
+    async with node_agent(tmp_path) as node:
+        await run_job(node, "a")
+        node.backend.push("a", report(10, "lip-syncing"))
+        await until(lambda: node.manager.get("a").progress == 10, "progress")
+        seen = {"wait_s": 5, "seen_state": "running", "seen_progress": 10}
+
+        # Something the caller has not seen yet: answered at once.
+        stale = {**seen, "seen_progress": 5}
+        assert (await node.client.get("/jobs/a", params=stale)).json()["progress"] == 10
+
+        # Nothing new: the answer waits for the job to move ...
+        started = time.monotonic()
+        poll = asyncio.create_task(node.client.get("/jobs/a", params=seen))
+        await asyncio.sleep(0.2)
+        assert not poll.done()
+        node.backend.succeed("a")
+        job = (await poll).json()
+        assert job["state"] == "succeeded" and job["long_poll"] is True
+        assert time.monotonic() - started < 2.0
+
+        # ... and a finished job is never waited on.
+        done = {**seen, "seen_state": "succeeded", "seen_progress": 100}
+        started = time.monotonic()
+        assert (await node.client.get("/jobs/a", params=done)).json()["state"] == "succeeded"
+        assert time.monotonic() - started < 1.0
+
+
+async def test_a_long_poll_gives_up_after_wait_s(tmp_path: Path) -> None:
+    async with node_agent(tmp_path) as node:
+        await run_job(node, "a")
+        params = {"wait_s": 0.3, "seen_state": "running", "seen_progress": 0}
+        started = time.monotonic()
+        job = (await node.client.get("/jobs/a", params=params)).json()
+        assert job["state"] == "running" and 0.3 <= time.monotonic() - started < 2.0
 
 
 async def test_the_result_of_an_unfinished_job_is_409(tmp_path: Path) -> None:
