@@ -3,9 +3,11 @@
 GET    /health               backend, slots, running jobs, GPU
 POST   /jobs?job_id=ID       multipart audio + video (+ options JSON); 409 when full;
                              200 with the existing job for a known id (idempotent)
-GET    /jobs/{id}            state, progress, message, error
+GET    /jobs/{id}            state, progress, message, error; with ?wait_s=&seen_state=
+                             &seen_progress= a long poll that answers when the job moves
 GET    /jobs/{id}/result     the finished mp4, streamed
-DELETE /jobs/{id}            cancel if running, then forget it and its files
+DELETE /jobs/{id}            cancel if running, then forget it and its files (409 while
+                             its upload is still being received)
 """
 
 from __future__ import annotations
