@@ -306,9 +306,12 @@ async def test_a_full_node_or_a_busy_model_costs_no_attempt(
     assert node.jobs_failed == 0 and node.ejected_until == 0.0  # not the node's fault
 
 
-async def test_after_a_409_the_node_gets_no_work_for_a_while(make_rig: MakeRig) -> None:
+@pytest.mark.parametrize("refusal", [full(), busy()], ids=["409-full", "model-busy"])
+async def test_a_node_that_refused_gets_no_work_for_a_while(
+    make_rig: MakeRig, refusal: Behaviour
+) -> None:
     rig = make_rig()
-    rig.add_node("only", script=[full()])
+    rig.add_node("only", script=[refusal])
     rig.submit("t")
 
     await rig.settle()
@@ -850,16 +853,6 @@ async def test_a_retry_that_lands_while_a_cancel_winds_down_runs_to_the_end(
     await rig.settle(limit_s=0.5)
     assert rig.status("t") == [TaskStatus.COMPLETED]
     assert rig.nodes.deleted("a") == ["t.1"]  # the cancel ended the old job, not the new one
-
-
-async def test_a_busy_model_gets_no_work_for_a_while_like_a_full_node(make_rig: MakeRig) -> None:
-    rig = make_rig()
-    rig.add_node("only", script=[busy()])
-    rig.submit("t")
-
-    await rig.settle()
-    first, second = rig.nodes.calls_of("submit")
-    assert second.at - first.at >= REFUSED_BACKOFF_S
 
 
 async def test_a_free_node_is_not_left_idle_while_tasks_wait(make_rig: MakeRig) -> None:
