@@ -218,8 +218,9 @@ class Attempt:
 
     def _learn_speed(self) -> None:
         lease = self.lease
-        if lease.media_seconds:
-            observed = (self.engine.clock() - lease.started_at) / lease.media_seconds
+        elapsed = self.engine.clock() - lease.started_at
+        observed = scheduler.observed_speed(elapsed, lease.media_seconds)
+        if observed is not None:
             self.node.speed = scheduler.update_speed(self.node.speed, observed)
 
 

@@ -237,7 +237,13 @@ async def batch_status(query: BatchQuery, engine: EngineDep) -> dict[str, Any]:
 
 @router.get("/tasks/{task_id}", summary="Status, progress, queue position and ETA")
 async def get_task(task_id: str, engine: EngineDep) -> dict[str, Any]:
-    return task_view(engine, _task_or_404(engine, task_id))
+    task = _task_or_404(engine, task_id)
+    # Whether the terminal callback got through, and if not why: asked often by users.
+    callbacks = [
+        {**row, **{k: iso(row[k]) for k in ("next_attempt_at", "delivered_at", "gave_up_at")}}
+        for row in engine.store.callbacks_for(task_id)
+    ]
+    return {**task_view(engine, task), "callbacks": callbacks}
 
 
 @router.get("/tasks/{task_id}/result", response_class=FileResponse, summary="The finished video")

@@ -334,7 +334,8 @@ class TaskStore:
 
     def callbacks_for(self, task_id: str) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT attempts, delivered_at, gave_up_at, last_error FROM callbacks"
+            "SELECT url, attempts, next_attempt_at, delivered_at, gave_up_at, last_error"
+            " FROM callbacks"
             " WHERE task_id = ? ORDER BY id",
             (task_id,),
         )

@@ -68,6 +68,10 @@ def test_eight_tasks_on_two_nodes_all_complete_within_slots(
         assert {"task_id", "status", "completed_at", "error_message"} <= callback.keys()
         assert callback["error_message"] is None
         assert callback["result_url"].endswith(f"/tasks/{task_id}/result")
+    # The task status says the callback got through.
+    [delivery] = httpx.get(f"{fleet.url}/tasks/{ids[0]}").json()["callbacks"]
+    assert delivery["url"] == callbacks.url and delivery["attempts"] == 1
+    assert delivery["delivered_at"] is not None and delivery["last_error"] is None
 
 
 @pytest.fixture(scope="module")
